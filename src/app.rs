@@ -1,0 +1,208 @@
+//! The application: builds every role from a [`Config`], binds the listener
+//! (port 0 works: tests read the bound port back) and runs until stopped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, MessageBus};
+use crate::config::{Config, Role};
+use crate::gateway::rooms::Rooms;
+use crate::ids::IdGen;
+use crate::store::Store;
+use crate::{http, workers};
+
+/// Errors that stop the application from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Shared state of every handler and worker of one instance.
+#[derive(Clone)]
+pub struct AppState {
+    pub cfg: Arc<Config>,
+    pub instance: String,
+    pub bus: Arc<dyn MessageBus>,
+    pub store: Store,
+    pub rooms: Arc<Rooms>,
+    pub ids: Arc<IdGen>,
+    pub connections: Arc<AtomicI64>,
+    pub shutdown: CancellationToken,
+    /// Per role: is its consumer subscribed (drives `/readyz`)?
+    pub role_ready: Vec<(&'static str, tokio::sync::watch::Receiver<bool>)>,
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    /// Worker tasks; a JoinSet aborts them all if the application is dropped
+    /// (a crash), so no role outlives its process.
+    workers: JoinSet<()>,
+}
+
+impl Application {
+    /// Connects the configured bus and DB, then builds.
+    pub async fn build(cfg: Config) -> Result<Application, AppError> {
+        let bus = bus::connect(&cfg.bus).await?;
+        Self::build_with_bus(cfg, bus).await
+    }
+
+    /// Builds on an existing bus (tests share one memory bus between two
+    /// instances this way).
+    pub async fn build_with_bus(
+        cfg: Config,
+        bus: Arc<dyn MessageBus>,
+    ) -> Result<Application, AppError> {
+        let store = Store::connect(&cfg.database_url).await?;
+        let instance = cfg
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("relay-{}", ulid::Ulid::new().to_string().to_lowercase()));
+        let listener = TcpListener::bind(cfg.bind)
+            .await
+            .map_err(|e| AppError::Bind(cfg.bind, e))?;
+        let shutdown = CancellationToken::new();
+        let rooms = Arc::new(Rooms::new(
+            instance.clone(),
+            cfg.limits.history_on_join.max(0) as usize,
+        ));
+        let ids = Arc::new(IdGen::default());
+        let mut workers = JoinSet::new();
+        let mut role_ready = Vec::new();
+
+        if cfg.has_role(Role::Gateway) {
+            let (live_tx, live_rx) = tokio::sync::watch::channel(false);
+            role_ready.push(("live_delivery", live_rx));
+            workers.spawn(workers::live::run(
+                bus.clone(),
+                rooms.clone(),
+                format!("live-{instance}"),
+                live_tx,
+                shutdown.clone(),
+            ));
+        }
+        if cfg.has_role(Role::Persist) {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            role_ready.push(("persist", rx));
+            workers.spawn(workers::persist::run(
+                bus.clone(),
+                store.clone(),
+                cfg.persist.clone(),
+                tx,
+                shutdown.clone(),
+            ));
+        }
+        if cfg.has_role(Role::Analytics) {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            role_ready.push(("analytics", rx));
+            workers.spawn(workers::analytics::run(
+                bus.clone(),
+                store.clone(),
+                cfg.analytics.clone(),
+                instance.clone(),
+                ids.clone(),
+                tx,
+                shutdown.clone(),
+            ));
+        }
+        // Serve only once every role's consumer is subscribed, so nothing a
+        // first client sends is missed by a role that was still joining.
+        for (name, rx) in &role_ready {
+            let mut rx = rx.clone();
+            if tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| *r))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    role = name,
+                    "role not subscribed after 30 s; serving anyway (see /readyz)"
+                );
+            }
+        }
+        tracing::info!(
+            %instance,
+            bus = bus.backend(),
+            db = store.kind(),
+            roles = ?cfg.roles,
+            addr = %listener.local_addr().map_err(AppError::Serve)?,
+            "chat-relay started"
+        );
+        let state = AppState {
+            cfg: Arc::new(cfg),
+            instance,
+            bus,
+            store,
+            rooms,
+            ids,
+            connections: Arc::default(),
+            shutdown,
+            role_ready,
+        };
+        Ok(Application {
+            listener,
+            state,
+            workers,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.state.instance
+    }
+
+    pub fn store(&self) -> Store {
+        self.state.store.clone()
+    }
+
+    /// Cancelling this token stops the application gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then: sockets get a close
+    /// frame, the persistence batch in flight is written and acked, the bus is
+    /// flushed and closed.
+    pub async fn run_until_stopped(self) -> Result<(), AppError> {
+        let Application {
+            listener,
+            state,
+            workers,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        let bus = state.bus.clone();
+        let store = state.store.clone();
+        let router = http::router(state);
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+        shutdown.cancel();
+        let mut workers = workers;
+        let _ = tokio::time::timeout(Duration::from_secs(15), async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await;
+        bus.close().await;
+        store.close().await;
+        tracing::info!("chat-relay stopped");
+        served.map_err(AppError::Serve)
+    }
+}

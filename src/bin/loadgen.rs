@@ -1,0 +1,279 @@
+//! `loadgen`: a lean WebSocket load generator for chat-relay, for when k6
+//! saturates the 2-core machine before the relay does.
+//!
+//! Fan-out mode: `rooms × subs` subscriber connections; `publishers`
+//! connections send at a fixed total `rate` (open loop: a send is due on the
+//! clock, whether or not the previous one was acked). Every message carries the
+//! publisher id, a per-publisher sequence number and the send time, so each
+//! subscriber measures end-to-end latency (hdrhistogram, µs) and counts loss,
+//! duplicates and reordering. Prints one JSON line.
+//!
+//!     cargo run --release --bin loadgen -- --url ws://127.0.0.1:8080 --rooms 100 --subs 50 --rate 4000 --seconds 20
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Relay WebSocket base URLs, comma-separated (clients are spread over them).
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, default_value_t = 10)]
+    rooms: usize,
+    /// Subscribers per room.
+    #[arg(long, default_value_t = 10)]
+    subs: usize,
+    /// Publisher connections (spread over the rooms).
+    #[arg(long, default_value_t = 20)]
+    publishers: usize,
+    /// Total messages per second over all publishers.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Message text size in bytes.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Seconds to keep reading after the last send.
+    #[arg(long, default_value_t = 3)]
+    drain: u64,
+    /// Room name prefix (defaults to a unique one).
+    #[arg(long)]
+    prefix: Option<String>,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct SubStats {
+    received: u64,
+    dups: u64,
+    reordered: u64,
+    gaps: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let urls: Vec<String> = args.url.split(',').map(|s| s.trim().to_string()).collect();
+    let prefix = args
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("lg{}", now_us() % 1_000_000_000));
+    let room = |i: usize| format!("chat.{prefix}-{}", i % args.rooms);
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let totals = Arc::new(Mutex::new(SubStats::default()));
+    let joined = Arc::new(AtomicU64::new(0));
+    let end_at = Instant::now() + Duration::from_secs(2 + args.seconds + args.drain);
+
+    // Subscribers.
+    let mut subs = Vec::new();
+    for i in 0..args.rooms * args.subs {
+        let url = format!("{}/ws?user=s{i}", urls[i % urls.len()]);
+        let (room, hist, totals, joined, prefix) = (
+            room(i),
+            hist.clone(),
+            totals.clone(),
+            joined.clone(),
+            prefix.clone(),
+        );
+        subs.push(tokio::spawn(async move {
+            let (mut ws, _) = match tokio_tungstenite::connect_async(&url).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("subscriber connect failed: {e}");
+                    return;
+                }
+            };
+            let _ = ws
+                .send(Message::Text(
+                    json!({"type":"join","room":room}).to_string().into(),
+                ))
+                .await;
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut st = SubStats::default();
+            let mut last: HashMap<u64, u64> = HashMap::new();
+            let mut seen: HashMap<u64, std::collections::HashSet<u64>> = HashMap::new();
+            loop {
+                let m = match tokio::time::timeout_at(end_at.into(), ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => t,
+                    Ok(Some(Ok(_))) => continue,
+                    _ => break,
+                };
+                let v: Value = match serde_json::from_str(m.as_str()) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                match v["type"].as_str() {
+                    Some("joined") => {
+                        joined.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some("message") => {
+                        let Some(text) = v["text"].as_str() else {
+                            continue;
+                        };
+                        let Ok(b) = serde_json::from_str::<Value>(text) else {
+                            continue;
+                        };
+                        if b["r"].as_str() != Some(prefix.as_str()) {
+                            continue;
+                        }
+                        let (p, s, t) = (
+                            b["p"].as_u64().unwrap_or(0),
+                            b["s"].as_u64().unwrap_or(0),
+                            b["t"].as_u64().unwrap_or(0),
+                        );
+                        let _ = local.record(now_us().saturating_sub(t).max(1));
+                        st.received += 1;
+                        if !seen.entry(p).or_default().insert(s) {
+                            st.dups += 1;
+                            continue;
+                        }
+                        let l = last.entry(p).or_insert(u64::MAX);
+                        if *l != u64::MAX && s < *l {
+                            st.reordered += 1;
+                        }
+                        if *l == u64::MAX || s > *l {
+                            *l = s;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for s in seen.values() {
+                if let (Some(min), Some(max)) = (s.iter().min(), s.iter().max()) {
+                    st.gaps += (max - min + 1) - s.len() as u64;
+                }
+            }
+            let _ = hist.lock().await.add(&local);
+            let mut t = totals.lock().await;
+            t.received += st.received;
+            t.dups += st.dups;
+            t.reordered += st.reordered;
+            t.gaps += st.gaps;
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while joined.load(Ordering::Relaxed) < (args.rooms * args.subs) as u64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let joined_n = joined.load(Ordering::Relaxed);
+
+    // Publishers: open loop at rate/publishers each.
+    let acked = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let late = Arc::new(AtomicU64::new(0));
+    let per_pub = (args.rate as f64 / args.publishers as f64).max(0.001);
+    let pad = "x".repeat(args.size.saturating_sub(60));
+    let started = Instant::now();
+    let mut pubs = Vec::new();
+    for p in 0..args.publishers {
+        let url = format!("{}/ws?user=p{p}", urls[p % urls.len()]);
+        let (room, acked, errors, sent, late, pad, prefix) = (
+            room(p),
+            acked.clone(),
+            errors.clone(),
+            sent.clone(),
+            late.clone(),
+            pad.clone(),
+            prefix.clone(),
+        );
+        let seconds = args.seconds;
+        pubs.push(tokio::spawn(async move {
+            let (ws, _) = match tokio_tungstenite::connect_async(&url).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("publisher connect failed: {e}");
+                    return;
+                }
+            };
+            let (mut tx, mut rx) = ws.split();
+            let _ = tx
+                .send(Message::Text(
+                    json!({"type":"join","room":room}).to_string().into(),
+                ))
+                .await;
+            let reader = tokio::spawn(async move {
+                while let Some(Ok(m)) = rx.next().await {
+                    if let Message::Text(t) = m {
+                        if t.as_str().starts_with(r#"{"type":"ack""#) {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        } else if t.as_str().starts_with(r#"{"type":"error""#) {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let period = Duration::from_secs_f64(1.0 / per_pub);
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let stop = Instant::now() + Duration::from_secs(seconds);
+            let mut seq = 0u64;
+            while Instant::now() < stop {
+                let due = tick.tick().await;
+                if due.elapsed() > Duration::from_millis(10) {
+                    late.fetch_add(1, Ordering::Relaxed);
+                }
+                let text =
+                    json!({"r": prefix, "p": p, "s": seq, "t": now_us(), "x": pad}).to_string();
+                let f = json!({"type":"send","room":room,"text":text,"cid":seq.to_string()})
+                    .to_string();
+                if tx.send(Message::Text(f.into())).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                seq += 1;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            reader.abort();
+        }));
+    }
+    for p in pubs {
+        let _ = p.await;
+    }
+    let send_secs = started
+        .elapsed()
+        .as_secs_f64()
+        .min(args.seconds as f64)
+        .max(0.001);
+    for s in subs {
+        let _ = s.await;
+    }
+    let h = hist.lock().await;
+    let t = totals.lock().await;
+    let acked = acked.load(Ordering::Relaxed);
+    let expected = acked * args.subs as u64;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let out = json!({
+        "rooms": args.rooms, "subs": args.subs, "publishers": args.publishers, "rate": args.rate,
+        "seconds": args.seconds, "size": args.size, "subscribers_joined": joined_n,
+        "sent": sent.load(Ordering::Relaxed), "acked": acked, "errors": errors.load(Ordering::Relaxed),
+        "late_sends": late.load(Ordering::Relaxed),
+        "deliveries": t.received, "expected_deliveries": expected,
+        "lost": expected.saturating_sub(t.received - t.dups), "duplicates": t.dups, "reordered": t.reordered, "gaps": t.gaps,
+        "deliveries_per_s": (t.received as f64 / send_secs).round(),
+        "e2e_ms": {"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
+    });
+    println!("{out}");
+    Ok(())
+}

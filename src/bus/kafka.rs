@@ -1,0 +1,712 @@
+//! `BUS=kafka`: the backend that loses nothing and replays everything.
+//!
+//! * One topic (`KAFKA_TOPIC`, default `game-messages`), created at start-up
+//!   through the admin API with `KAFKA_PARTITIONS`, `KAFKA_REPLICATION_FACTOR`
+//!   and `retention.ms`. **Key = room id**: one room lives in one partition, so
+//!   its messages keep their order.
+//! * Producer: `acks=all`, idempotence on, small `linger.ms` (chat is latency
+//!   bound; a few ms still batches under load), compression. `publish` returns
+//!   once the broker acknowledged the write — only then does the client get its
+//!   `ack`. Failures are retried a bounded number of times, then reported.
+//! * Live delivery: a consumer group per instance, starting at the **latest**
+//!   offset, so every instance sees every message. Kafka cannot filter by key
+//!   at the broker, so an instance reads every room and drops the rooms it does
+//!   not serve (`LocalRooms`) — the price of the log model.
+//! * Workers (`db-writer`, `analytics`): shared groups starting at the
+//!   **earliest** offset, `enable.auto.offset.store=false`: a delivery's offset
+//!   is stored only when the caller acks it (after its DB commit), then
+//!   committed by auto-commit. At-least-once; the idempotent writes make it
+//!   effectively once. Storing offset N+1 commits everything below it in that
+//!   partition, so callers ack in delivery order (the workers do).
+//!   A nacked or dropped delivery is re-read after a restart or rebalance, not
+//!   immediately: Kafka redelivers by position, not by message.
+//! * **Replay**: [`replay`] rewinds a stopped group's committed offsets (to the
+//!   beginning, given offsets, or a time), so a restarted worker reprocesses
+//!   the log — rebuilding the DB or the analytics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Acker, AllRooms, BusError, Capabilities, Delivery, GroupKind, LocalRooms, MessageBus, Outgoing,
+    RoomInterest, RoomScope, SubscribeOptions, Subscription,
+};
+use crate::protocol::RoomId;
+
+/// Settings of the Kafka bus.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Topic of all chat traffic (created at start-up when missing).
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "game-messages")]
+    pub kafka_topic: String,
+    /// Partitions of the topic when it is created.
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 30)]
+    pub kafka_partitions: i32,
+    /// Replication factor of the topic when it is created (3 on a real cluster).
+    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1)]
+    pub kafka_replication_factor: i32,
+    /// `retention.ms` of the topic when it is created (default 7 days): how far back replay reaches.
+    #[arg(long, env = "KAFKA_RETENTION_MS", default_value_t = 604_800_000)]
+    pub kafka_retention_ms: i64,
+    /// Producer `linger.ms`: small, because chat is latency-bound; a few ms still batches under load.
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 2)]
+    pub kafka_linger_ms: u32,
+    /// Producer `batch.size` in bytes.
+    #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = 131_072)]
+    pub kafka_batch_size: u32,
+    /// Producer `compression.type` (none, gzip, snappy, lz4, zstd).
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4")]
+    pub kafka_compression: String,
+    /// Consumer `fetch.wait.max.ms`: how long the broker may hold a fetch for
+    /// data. Low, because it bounds end-to-end latency (and tansu sleeps it on
+    /// every fetch).
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 5)]
+    pub kafka_fetch_wait_max_ms: u32,
+    /// Consumers per shared group in one process (they share the partitions).
+    #[arg(long, env = "KAFKA_CONSUMERS", default_value_t = 1)]
+    pub kafka_consumers: usize,
+    /// Publish attempts after the first one failed.
+    #[arg(long, env = "KAFKA_PUBLISH_RETRIES", default_value_t = 2)]
+    pub kafka_publish_retries: u32,
+    /// Backoff before the first publish retry (ms), doubled each time.
+    #[arg(long, env = "KAFKA_PUBLISH_BACKOFF_MS", default_value_t = 100)]
+    pub kafka_publish_backoff_ms: u64,
+    /// `message.timeout.ms`: longest the producer tries to deliver one message.
+    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 1500)]
+    pub kafka_message_timeout_ms: u32,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            kafka_brokers: "127.0.0.1:9092".into(),
+            kafka_topic: "game-messages".into(),
+            kafka_partitions: 30,
+            kafka_replication_factor: 1,
+            kafka_retention_ms: 604_800_000,
+            kafka_linger_ms: 2,
+            kafka_batch_size: 131_072,
+            kafka_compression: "lz4".into(),
+            kafka_fetch_wait_max_ms: 5,
+            kafka_consumers: 1,
+            kafka_publish_retries: 2,
+            kafka_publish_backoff_ms: 100,
+            kafka_message_timeout_ms: 1500,
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("kafka: {e}"))
+}
+
+fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka_brokers)
+        .set("socket.timeout.ms", "3000")
+        .set("reconnect.backoff.max.ms", "2000");
+    c
+}
+
+/// Creates the topic when it does not exist.
+pub async fn ensure_topic(cfg: &KafkaConfig) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(cfg)
+        .create()
+        .map_err(|e| BusError::Config(e.to_string()))?;
+    let retention = cfg.kafka_retention_ms.to_string();
+    let topic = NewTopic::new(
+        &cfg.kafka_topic,
+        cfg.kafka_partitions,
+        TopicReplication::Fixed(cfg.kafka_replication_factor),
+    )
+    .set("retention.ms", &retention);
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let res = tokio::time::timeout(
+        Duration::from_secs(15),
+        admin.create_topics([&topic], &opts),
+    )
+    .await
+    .map_err(|_| unavailable("create topic timed out"))?
+    .map_err(unavailable)?;
+    for r in res {
+        match r {
+            Ok(_) => {
+                tracing::info!(topic = %cfg.kafka_topic, partitions = cfg.kafka_partitions, "kafka topic created")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => return Err(BusError::Config(format!("cannot create topic {t}: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+pub struct KafkaBus {
+    cfg: KafkaConfig,
+    producer: FutureProducer,
+    closed: CancellationToken,
+}
+
+impl KafkaBus {
+    pub async fn connect(cfg: KafkaConfig) -> Result<KafkaBus, BusError> {
+        ensure_topic(&cfg).await?;
+        let producer: FutureProducer = base_config(&cfg)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", cfg.kafka_linger_ms.to_string())
+            .set("batch.size", cfg.kafka_batch_size.to_string())
+            .set("compression.type", &cfg.kafka_compression)
+            .set(
+                "message.timeout.ms",
+                cfg.kafka_message_timeout_ms.to_string(),
+            )
+            .create()
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        Ok(KafkaBus {
+            cfg,
+            producer,
+            closed: CancellationToken::new(),
+        })
+    }
+}
+
+/// Signals the first partition assignment of a consumer.
+struct Ctx {
+    assigned: AtomicBool,
+    notify: Notify,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::debug!(partitions = tpl.count(), "kafka: partitions assigned");
+            self.assigned.store(true, Ordering::SeqCst);
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+type Cons = StreamConsumer<Ctx>;
+
+struct KafkaAcker {
+    consumer: Arc<Cons>,
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
+        // librdkafka's rd_kafka_offset_store stores offset + 1 (the next one
+        // to read) itself.
+        self.consumer
+            .store_offset(&self.topic, self.partition, self.offset)
+            .map_err(unavailable)
+    }
+    async fn nack(self: Box<Self>) -> Result<(), BusError> {
+        // Not stored: re-read from the last committed offset after a restart
+        // or rebalance.
+        Ok(())
+    }
+}
+
+fn consumer_for(cfg: &KafkaConfig, opts: &SubscribeOptions) -> Result<Arc<Cons>, BusError> {
+    let shared = opts.kind == GroupKind::Shared;
+    let c: Cons = base_config(cfg)
+        .set("group.id", &opts.group)
+        .set("enable.auto.commit", if shared { "true" } else { "false" })
+        .set("auto.commit.interval.ms", "500")
+        .set(
+            "enable.auto.offset.store",
+            if shared { "false" } else { "true" },
+        )
+        .set(
+            "auto.offset.reset",
+            if shared { "earliest" } else { "latest" },
+        )
+        .set("fetch.wait.max.ms", cfg.kafka_fetch_wait_max_ms.to_string())
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(Ctx {
+            assigned: AtomicBool::new(false),
+            notify: Notify::new(),
+        })
+        .map_err(|e| BusError::Config(e.to_string()))?;
+    if shared {
+        c.subscribe(&[&cfg.kafka_topic]).map_err(unavailable)?;
+    }
+    Ok(Arc::new(c))
+}
+
+/// Waits until a group consumer has its first partition assignment. Shared
+/// groups read from their committed offset (or the earliest), so once
+/// assigned nothing published afterwards can be skipped.
+async fn wait_assigned(c: &Arc<Cons>, deadline: Duration) -> Result<(), BusError> {
+    let wait = async {
+        loop {
+            let n = c.context().notify.notified();
+            if c.context().assigned.load(Ordering::SeqCst) {
+                break;
+            }
+            n.await;
+        }
+    };
+    tokio::time::timeout(deadline, wait)
+        .await
+        .map_err(|_| unavailable("no partition assignment in time (is the broker up?)"))
+}
+
+/// Instance (live-delivery) consumers take every partition themselves at the
+/// current end of the log, resolved to concrete offsets: a message published
+/// after `subscribe` returns is at or past them, so it cannot be skipped (a
+/// lazily resolved `latest` could land after it). An instance group never
+/// competes, so it needs no group rebalance.
+fn assign_at_end(c: &Cons, cfg: &KafkaConfig) -> Result<(), BusError> {
+    let t = Duration::from_secs(5);
+    let md = c
+        .fetch_metadata(Some(&cfg.kafka_topic), t)
+        .map_err(unavailable)?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in md.topics() {
+        for p in topic.partitions() {
+            let (_, high) = c
+                .fetch_watermarks(&cfg.kafka_topic, p.id(), t)
+                .map_err(unavailable)?;
+            tpl.add_partition_offset(&cfg.kafka_topic, p.id(), Offset::Offset(high))
+                .map_err(unavailable)?;
+        }
+    }
+    if tpl.count() == 0 {
+        return Err(unavailable("topic has no partitions"));
+    }
+    c.assign(&tpl).map_err(unavailable)
+}
+
+#[async_trait]
+impl MessageBus for KafkaBus {
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            competing_consumers: true,
+            redelivery: true,
+            retains_for_absent_groups: true,
+            replay: true,
+            multi_process: true,
+        }
+    }
+
+    async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
+        if self.closed.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let mut attempt = 0;
+        loop {
+            let rec = FutureRecord::to(&self.cfg.kafka_topic)
+                .key(msg.room.as_str())
+                .payload(&msg.payload[..]);
+            match self.producer.send(rec, Duration::from_millis(200)).await {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => {
+                    metrics::counter!("publish_retries_total", "backend" => "kafka").increment(1);
+                    if attempt >= self.cfg.kafka_publish_retries {
+                        return Err(unavailable(e));
+                    }
+                    let wait = self.cfg.kafka_publish_backoff_ms << attempt;
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "kafka publish failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, BusError> {
+        if self.closed.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let filter = Arc::new(LocalRooms::default());
+        let interest: Arc<dyn RoomInterest> = match opts.scope {
+            RoomScope::All => Arc::new(AllRooms),
+            RoomScope::Dynamic => filter.clone(),
+        };
+        let dynamic = opts.scope == RoomScope::Dynamic;
+        let n = if opts.kind == GroupKind::Shared {
+            self.cfg.kafka_consumers.max(1)
+        } else {
+            1
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        let stop = CancellationToken::new();
+        let mut consumers = Vec::new();
+        for _ in 0..n {
+            let c = consumer_for(&self.cfg, &opts)?;
+            if opts.kind == GroupKind::Instance {
+                let (c2, cfg) = (c.clone(), self.cfg.clone());
+                tokio::task::spawn_blocking(move || assign_at_end(&c2, &cfg))
+                    .await
+                    .map_err(unavailable)??;
+            }
+            consumers.push(c.clone());
+            let (tx, stop, closed, filter) = (
+                tx.clone(),
+                stop.clone(),
+                self.closed.clone(),
+                filter.clone(),
+            );
+            let shared = opts.kind == GroupKind::Shared;
+            tokio::spawn(async move {
+                let mut topic: Option<Arc<str>> = None;
+                loop {
+                    let m = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = closed.cancelled() => break,
+                        m = c.recv() => m,
+                    };
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // librdkafka reconnects by itself; just don't spin.
+                            tracing::warn!(error = %e, "kafka consumer error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
+                    let room = m
+                        .key()
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .and_then(RoomId::parse);
+                    let t = topic.get_or_insert_with(|| Arc::from(m.topic())).clone();
+                    let Some(room) = room else {
+                        if shared {
+                            let _ = c.store_offset(&t, m.partition(), m.offset());
+                        }
+                        continue;
+                    };
+                    if dynamic && !filter.contains(&room) {
+                        continue;
+                    }
+                    let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+                    let d = if shared {
+                        Delivery::new(
+                            room,
+                            payload,
+                            false,
+                            Box::new(KafkaAcker {
+                                consumer: c.clone(),
+                                topic: t,
+                                partition: m.partition(),
+                                offset: m.offset(),
+                            }),
+                        )
+                    } else {
+                        Delivery::unacked(room, payload)
+                    };
+                    drop(m);
+                    if tx.send(d).await.is_err() {
+                        break;
+                    }
+                }
+                if shared {
+                    // Leave the group now; closing the consumer auto-commits
+                    // the *stored* offsets (acked deliveries only).
+                    c.unsubscribe();
+                }
+            });
+        }
+        for c in consumers.iter().filter(|_| opts.kind == GroupKind::Shared) {
+            if let Err(e) = wait_assigned(c, Duration::from_secs(30)).await {
+                stop.cancel();
+                return Err(e);
+            }
+        }
+        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())))
+    }
+
+    async fn ready(&self) -> Result<(), BusError> {
+        let producer = self.producer.clone();
+        let topic = self.cfg.kafka_topic.clone();
+        // fetch_metadata blocks: keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_millis(1500))
+                .map_err(unavailable)?;
+            let ok = !md.brokers().is_empty()
+                && md
+                    .topics()
+                    .iter()
+                    .any(|t| t.error().is_none() && !t.partitions().is_empty());
+            if ok {
+                Ok(())
+            } else {
+                Err(unavailable("topic metadata unavailable"))
+            }
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn close(&self) {
+        self.closed.cancel();
+        let p = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(5))).await;
+    }
+
+    async fn lag(&self, group: &str) -> Option<i64> {
+        let cfg = self.cfg.clone();
+        let group = group.to_string();
+        tokio::task::spawn_blocking(move || group_lag(&cfg, &group).ok())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+fn plain_consumer(cfg: &KafkaConfig, group: &str) -> Result<BaseConsumer, BusError> {
+    base_config(cfg)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| BusError::Config(e.to_string()))
+}
+
+/// Messages in the topic not yet committed by `group` (blocking).
+fn group_lag(cfg: &KafkaConfig, group: &str) -> Result<i64, BusError> {
+    let c = plain_consumer(cfg, group)?;
+    let t = Duration::from_secs(2);
+    let md = c
+        .fetch_metadata(Some(&cfg.kafka_topic), t)
+        .map_err(unavailable)?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in md.topics() {
+        for p in topic.partitions() {
+            tpl.add_partition(&cfg.kafka_topic, p.id());
+        }
+    }
+    let committed = c.committed_offsets(tpl, t).map_err(unavailable)?;
+    let mut lag = 0;
+    for e in committed.elements() {
+        let (low, high) = c
+            .fetch_watermarks(&cfg.kafka_topic, e.partition(), t)
+            .map_err(unavailable)?;
+        let pos = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => low,
+        };
+        lag += (high - pos).max(0);
+    }
+    Ok(lag)
+}
+
+/// Where `chat-relay replay` rewinds a group to.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "replay_from", required = true, multiple = false)]
+pub struct ReplayFrom {
+    /// Rewind every partition to its first retained message.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Rewind the listed partitions to the given offsets: `0:120,5:7`.
+    #[arg(long)]
+    pub from_offset: Option<String>,
+    /// Rewind every partition to the first message at or after this time (RFC 3339).
+    #[arg(long)]
+    pub from_time: Option<String>,
+}
+
+/// `chat-relay replay`: rewinds a stopped consumer group.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// The consumer group to rewind (e.g. db-writer or analytics). It must be stopped.
+    #[arg(long)]
+    pub group: String,
+    #[command(flatten)]
+    pub from: ReplayFrom,
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// What a replay changed: partition → (old committed offset, new offset).
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    pub partitions: Vec<(i32, Option<i64>, i64)>,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (p, old, new) in &self.partitions {
+            let old = old.map(|o| o.to_string()).unwrap_or_else(|| "none".into());
+            writeln!(f, "partition {p}: {old} -> {new}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Rewinds `args.group`'s committed offsets. Fails with a clear message when
+/// the group has active members: a running consumer would overwrite the
+/// rewound offsets with its own on its next commit.
+pub async fn replay(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
+    let args = args.clone();
+    tokio::task::spawn_blocking(move || replay_blocking(&args))
+        .await
+        .map_err(unavailable)?
+}
+
+fn replay_blocking(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
+    let cfg = &args.kafka;
+    let t = Duration::from_secs(5);
+    let c = plain_consumer(cfg, &args.group)?;
+    let listed = c.fetch_group_list(Some(&args.group), t);
+    match &listed {
+        Ok(g) => tracing::debug!(
+            groups = ?g.groups().iter().map(|g| (g.name().to_string(), g.state().to_string(), g.members().len())).collect::<Vec<_>>(),
+            "replay: group list"
+        ),
+        Err(e) => tracing::debug!(error = %e, "replay: group list unavailable"),
+    }
+    if let Ok(groups) = listed
+        && let Some(g) = groups.groups().iter().find(|g| g.name() == args.group)
+        && !g.members().is_empty()
+    {
+        return Err(BusError::Rejected(format!(
+            "consumer group {} is active ({} members, state {}): stop the workers of this group first, then replay",
+            args.group,
+            g.members().len(),
+            g.state()
+        )));
+    }
+    let md = c
+        .fetch_metadata(Some(&cfg.kafka_topic), t)
+        .map_err(unavailable)?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|tp| tp.partitions().iter().map(|p| p.id()))
+        .collect();
+    if parts.is_empty() {
+        return Err(BusError::Config(format!(
+            "topic {} has no partitions",
+            cfg.kafka_topic
+        )));
+    }
+    let mut all = TopicPartitionList::new();
+    for p in &parts {
+        all.add_partition(&cfg.kafka_topic, *p);
+    }
+    let old: HashMap<i32, Option<i64>> = c
+        .committed_offsets(all.clone(), t)
+        .map_err(unavailable)?
+        .elements()
+        .iter()
+        .map(|e| {
+            (
+                e.partition(),
+                match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            )
+        })
+        .collect();
+    let mut target: Vec<(i32, i64)> = Vec::new();
+    if args.from.from_beginning {
+        for p in &parts {
+            let (low, _) = c
+                .fetch_watermarks(&cfg.kafka_topic, *p, t)
+                .map_err(unavailable)?;
+            target.push((*p, low));
+        }
+    } else if let Some(list) = &args.from.from_offset {
+        for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+            let (p, o) = item.trim().split_once(':').ok_or_else(|| {
+                BusError::Config(format!(
+                    "bad --from-offset item {item:?}: want partition:offset"
+                ))
+            })?;
+            let p: i32 = p
+                .parse()
+                .map_err(|_| BusError::Config(format!("bad partition in {item:?}")))?;
+            let o: i64 = o
+                .parse()
+                .map_err(|_| BusError::Config(format!("bad offset in {item:?}")))?;
+            if !parts.contains(&p) {
+                return Err(BusError::Config(format!("partition {p} does not exist")));
+            }
+            target.push((p, o));
+        }
+    } else if let Some(ts) = &args.from.from_time {
+        let at = chrono::DateTime::parse_from_rfc3339(ts)
+            .map_err(|e| BusError::Config(format!("--from-time: {e}")))?
+            .timestamp_millis();
+        let mut q = TopicPartitionList::new();
+        for p in &parts {
+            q.add_partition_offset(&cfg.kafka_topic, *p, Offset::Offset(at))
+                .map_err(unavailable)?;
+        }
+        let found = c.offsets_for_times(q, t).map_err(unavailable)?;
+        for e in found.elements() {
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                // No message at or after that time: start at the end.
+                _ => {
+                    c.fetch_watermarks(&cfg.kafka_topic, e.partition(), t)
+                        .map_err(unavailable)?
+                        .1
+                }
+            };
+            target.push((e.partition(), o));
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &target {
+        tpl.add_partition_offset(&cfg.kafka_topic, *p, Offset::Offset(*o))
+            .map_err(unavailable)?;
+    }
+    c.commit(&tpl, CommitMode::Sync).map_err(|e| match e {
+        KafkaError::ConsumerCommit(code)
+            if matches!(
+                code,
+                RDKafkaErrorCode::UnknownMemberId
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::RebalanceInProgress
+            ) =>
+        {
+            BusError::Rejected(format!(
+                "consumer group {} is active: stop its workers first, then replay ({code})",
+                args.group
+            ))
+        }
+        e => unavailable(e),
+    })?;
+    let mut report = ReplayReport::default();
+    target.sort();
+    for (p, o) in target {
+        report
+            .partitions
+            .push((p, old.get(&p).copied().flatten(), o));
+    }
+    Ok(report)
+}

@@ -1,0 +1,354 @@
+//! The message bus: one trait, used as `Arc<dyn MessageBus>`, and one module per
+//! backend. Every backend runs the same conformance suite (`tests/common/conformance.rs`).
+//!
+//! # Model
+//! * A message is published **for a room**; the room id is the key, so one room's
+//!   messages keep their order wherever the backend can promise it.
+//! * Consumers subscribe as a named **consumer group**. Two subscriptions with the
+//!   same group name *compete* (each message goes to one of them) and different
+//!   groups *each* get every message — where the backend has groups at all (Redis
+//!   Pub/Sub has none: see [`Capabilities`]).
+//! * A [`Delivery`] carries an ack. Acknowledge only after the side effect (the DB
+//!   commit) has happened. Dropping a delivery without acking it is a *nack*: the
+//!   backends that can redeliver will (memory, RabbitMQ); Kafka re-reads from the
+//!   last committed offset after a restart or rebalance; Redis loses it.
+//!
+//! # Guarantees per backend
+//! | backend | publish returns when | delivery | redelivery | order per room | kept while no consumer |
+//! |---|---|---|---|---|---|
+//! | memory | enqueued for every existing group | at-least-once in-process | on nack/drop, to the group | per consumer | yes, bounded, lost on exit |
+//! | redis | Redis accepted PUBLISH | at-most-once | never | per connection | **no** (lost) |
+//! | kafka | broker acked (acks=all) | at-least-once | from last committed offset | per partition (room key) | yes (retention) |
+//! | rabbitmq | broker confirmed | at-least-once | on nack / channel loss | per queue, single consumer | yes (durable queues) |
+
+pub mod kafka;
+pub mod memory;
+pub mod rabbitmq;
+pub mod redis;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::DropGuard;
+
+use crate::protocol::RoomId;
+
+/// Errors a bus operation can report. Each is mapped to a client-facing
+/// `bus_unavailable` error frame by the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The broker cannot be reached right now (connection lost, reconnecting).
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The bus did not accept the message in time (full queue, broker slow).
+    #[error("bus timed out: {0}")]
+    Timeout(String),
+    /// The broker rejected the operation.
+    #[error("bus rejected the operation: {0}")]
+    Rejected(String),
+    /// Configuration or set-up problem (bad URL, missing topic that could not be created…).
+    #[error("bus configuration error: {0}")]
+    Config(String),
+    /// The bus was shut down.
+    #[error("bus closed")]
+    Closed,
+}
+
+/// What kind of consumer group a subscription joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    /// A group owned by one server instance (live delivery). Starts at the
+    /// latest message; nothing is kept for it while it is away.
+    Instance,
+    /// A group shared by every instance running the role (`db-writer`,
+    /// `analytics`). Starts at the earliest message the backend still has and,
+    /// where the backend can, keeps messages while no member listens.
+    Shared,
+}
+
+/// Which rooms a subscription receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomScope {
+    /// Every room (workers).
+    All,
+    /// Only rooms added with [`RoomInterest::add_room`] (live delivery: an
+    /// instance only needs the rooms that have local sockets). Backends that
+    /// cannot filter at the broker (Kafka) filter locally.
+    Dynamic,
+}
+
+/// Subscription parameters.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    pub group: String,
+    pub kind: GroupKind,
+    pub scope: RoomScope,
+}
+
+impl SubscribeOptions {
+    pub fn shared(group: impl Into<String>) -> Self {
+        SubscribeOptions {
+            group: group.into(),
+            kind: GroupKind::Shared,
+            scope: RoomScope::All,
+        }
+    }
+    pub fn instance(group: impl Into<String>) -> Self {
+        SubscribeOptions {
+            group: group.into(),
+            kind: GroupKind::Instance,
+            scope: RoomScope::Dynamic,
+        }
+    }
+}
+
+/// Priority of a published message. RabbitMQ delivers `System` first from a
+/// backlog; the other backends keep publish order and ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    Normal,
+    System,
+}
+
+/// One message to publish: the room (key) and the JSON payload, which is the
+/// server→client frame itself (see `protocol::BusEvent`).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub room: RoomId,
+    pub payload: Bytes,
+    pub priority: Priority,
+}
+
+/// What a backend can and cannot do; the conformance suite asserts the
+/// documented behaviour either way, and `/api/stats` shows it.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Capabilities {
+    /// Subscriptions in one group share the messages (else each gets all).
+    pub competing_consumers: bool,
+    /// An unacked delivery comes back (to this or another group member).
+    pub redelivery: bool,
+    /// Messages published while a shared group has no live member are kept for it.
+    pub retains_for_absent_groups: bool,
+    /// A group's position can be rewound to re-read old messages.
+    pub replay: bool,
+    /// More than one process can share the bus.
+    pub multi_process: bool,
+}
+
+/// Acknowledgement handle of one delivery, implemented per backend.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Confirms the delivery was handled; it will not come back.
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    /// Gives the delivery back (redelivered where the backend can).
+    async fn nack(self: Box<Self>) -> Result<(), BusError>;
+}
+
+/// One message received from the bus.
+pub struct Delivery {
+    pub room: RoomId,
+    pub payload: Bytes,
+    /// The backend knows this message was delivered before (RabbitMQ's
+    /// `redelivered` flag, memory's requeue); Kafka and Redis cannot tell.
+    pub redelivered: bool,
+    acker: Option<Box<dyn Acker>>,
+}
+
+impl Delivery {
+    pub fn new(room: RoomId, payload: Bytes, redelivered: bool, acker: Box<dyn Acker>) -> Self {
+        Delivery {
+            room,
+            payload,
+            redelivered,
+            acker: Some(acker),
+        }
+    }
+
+    /// A delivery that needs no acknowledgement (Redis Pub/Sub).
+    pub fn unacked(room: RoomId, payload: Bytes) -> Self {
+        Delivery {
+            room,
+            payload,
+            redelivered: false,
+            acker: None,
+        }
+    }
+
+    pub async fn ack(mut self) -> Result<(), BusError> {
+        match self.acker.take() {
+            Some(a) => a.ack().await,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn nack(mut self) -> Result<(), BusError> {
+        match self.acker.take() {
+            Some(a) => a.nack().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("room", &self.room)
+            .field("bytes", &self.payload.len())
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}
+
+/// Changes which rooms a [`RoomScope::Dynamic`] subscription receives.
+#[async_trait]
+pub trait RoomInterest: Send + Sync {
+    /// Starts receiving `room` (SUBSCRIBE on Redis, a queue binding on RabbitMQ).
+    async fn add_room(&self, room: &RoomId) -> Result<(), BusError>;
+    /// Stops receiving `room`.
+    async fn remove_room(&self, room: &RoomId) -> Result<(), BusError>;
+}
+
+/// A live subscription: a bounded stream of deliveries plus, for dynamic
+/// subscriptions, the handle that changes its rooms. Dropping it stops the
+/// consumer (unacked deliveries are given back where the backend can).
+pub struct Subscription {
+    pub deliveries: mpsc::Receiver<Delivery>,
+    pub interest: Arc<dyn RoomInterest>,
+    _stop: Option<DropGuard>,
+}
+
+impl Subscription {
+    pub fn new(
+        deliveries: mpsc::Receiver<Delivery>,
+        interest: Arc<dyn RoomInterest>,
+        stop: Option<DropGuard>,
+    ) -> Self {
+        Subscription {
+            deliveries,
+            interest,
+            _stop: stop,
+        }
+    }
+
+    /// Next delivery; `None` once the subscription or the bus is closed.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.deliveries.recv().await
+    }
+}
+
+/// A [`RoomInterest`] for scopes that take every room: does nothing.
+pub struct AllRooms;
+
+#[async_trait]
+impl RoomInterest for AllRooms {
+    async fn add_room(&self, _room: &RoomId) -> Result<(), BusError> {
+        Ok(())
+    }
+    async fn remove_room(&self, _room: &RoomId) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+/// A local room filter, for backends that cannot filter at the broker.
+#[derive(Default)]
+pub struct LocalRooms(std::sync::RwLock<HashSet<RoomId>>);
+
+impl LocalRooms {
+    pub fn contains(&self, room: &RoomId) -> bool {
+        self.0.read().map(|s| s.contains(room)).unwrap_or(false)
+    }
+}
+
+#[async_trait]
+impl RoomInterest for LocalRooms {
+    async fn add_room(&self, room: &RoomId) -> Result<(), BusError> {
+        if let Ok(mut s) = self.0.write() {
+            s.insert(room.clone());
+        }
+        Ok(())
+    }
+    async fn remove_room(&self, room: &RoomId) -> Result<(), BusError> {
+        if let Ok(mut s) = self.0.write() {
+            s.remove(room);
+        }
+        Ok(())
+    }
+}
+
+/// The bus every role talks to.
+#[async_trait]
+pub trait MessageBus: Send + Sync + 'static {
+    /// Short backend name: `memory`, `redis`, `kafka`, `rabbitmq`.
+    fn backend(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Publishes one message for `msg.room`. Returns once the backend has
+    /// accepted it (see the module table for what "accepted" means per backend);
+    /// only then does the gateway send the client its `ack`.
+    ///
+    /// Order: two publishes for the same room from one caller, the second
+    /// started after the first returned, are delivered in that order to each
+    /// consumer that gets both.
+    async fn publish(&self, msg: Outgoing) -> Result<(), BusError>;
+
+    /// Joins consumer group `opts.group`. See [`GroupKind`] for where the
+    /// subscription starts reading and [`Capabilities`] for whether group
+    /// members compete.
+    ///
+    /// Returns only once the subscription is live: a message published after
+    /// `subscribe` returned (and, for dynamic scopes, after `add_room` returned)
+    /// reaches it. Backends with a join protocol (Kafka's group rebalance)
+    /// wait for their assignment before returning.
+    async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, BusError>;
+
+    /// Whether the broker is reachable right now (drives `/readyz`).
+    async fn ready(&self) -> Result<(), BusError>;
+
+    /// Flushes what is buffered and releases connections (best effort).
+    async fn close(&self) {}
+
+    /// For backends whose groups do not compete (Redis Pub/Sub): a lease so
+    /// that only one of the instances running a shared role computes at a time
+    /// (analytics). `true` while `holder` holds `name`; call again before `ttl`
+    /// runs out to keep it. Backends with real consumer groups return `true`:
+    /// the group already splits the work.
+    async fn acquire_lease(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<bool, BusError> {
+        Ok(true)
+    }
+
+    /// Consumer lag per group where the backend knows it (Kafka), for `/metrics`.
+    async fn lag(&self, _group: &str) -> Option<i64> {
+        None
+    }
+}
+
+/// Which backend to run, from `BUS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    Memory,
+    Redis,
+    Kafka,
+    Rabbitmq,
+}
+
+/// Connects the configured backend.
+pub async fn connect(cfg: &crate::config::BusConfig) -> Result<Arc<dyn MessageBus>, BusError> {
+    Ok(match cfg.bus {
+        BusKind::Memory => Arc::new(memory::MemoryBus::new(cfg.memory.clone())),
+        BusKind::Redis => Arc::new(redis::RedisBus::connect(cfg.redis.clone()).await?),
+        BusKind::Kafka => Arc::new(kafka::KafkaBus::connect(cfg.kafka.clone()).await?),
+        BusKind::Rabbitmq => Arc::new(rabbitmq::RabbitBus::connect(cfg.rabbitmq.clone()).await?),
+    })
+}

@@ -1,0 +1,187 @@
+//! Configuration: every value comes from an environment variable and has a
+//! matching command-line flag (clap). The README's configuration table lists them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::bus::BusKind;
+
+/// Which roles a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Role {
+    /// WebSocket gateway plus its live-delivery consumer.
+    Gateway,
+    /// The `db-writer` consumer group.
+    Persist,
+    /// The `analytics` consumer group.
+    Analytics,
+}
+
+/// Bus selection and per-backend settings.
+#[derive(Debug, Clone, Args)]
+pub struct BusConfig {
+    /// Message bus backend.
+    #[arg(long, env = "BUS", value_enum, default_value = "memory")]
+    pub bus: BusKind,
+    #[command(flatten)]
+    pub memory: crate::bus::memory::MemoryConfig,
+    #[command(flatten)]
+    pub redis: crate::bus::redis::RedisConfig,
+    #[command(flatten)]
+    pub kafka: crate::bus::kafka::KafkaConfig,
+    #[command(flatten)]
+    pub rabbitmq: crate::bus::rabbitmq::RabbitConfig,
+}
+
+/// Settings of `chat-relay serve`.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the HTTP/WebSocket server listens on.
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Roles this process runs (comma-separated).
+    #[arg(
+        long,
+        env = "ROLES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "gateway,persist,analytics"
+    )]
+    pub roles: Vec<Role>,
+
+    /// This instance's id; names its live-delivery consumer group. Generated when unset.
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// `sqlite://file.db` or `postgres://user@host/db`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://chat-relay.db")]
+    pub database_url: String,
+
+    /// Directory served at `/` (the browser client).
+    #[arg(long, env = "STATIC_DIR", default_value = "static")]
+    pub static_dir: String,
+
+    #[command(flatten)]
+    pub bus: BusConfig,
+
+    #[command(flatten)]
+    pub limits: Limits,
+
+    #[command(flatten)]
+    pub persist: PersistConfig,
+
+    #[command(flatten)]
+    pub analytics: AnalyticsConfig,
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Longest message text in bytes.
+    #[arg(long, env = "MAX_TEXT_BYTES", default_value_t = 4096)]
+    pub max_text_bytes: usize,
+    /// Largest WebSocket frame/message a client may send, in bytes (close 1009 above).
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 65536)]
+    pub max_frame_bytes: usize,
+    /// Sustained sends per second per connection (token bucket refill rate).
+    #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 20)]
+    pub rate_per_sec: u32,
+    /// Token bucket size: sends allowed in a burst.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 40)]
+    pub rate_burst: u32,
+    /// Frames queued for one client before it counts as slow and is disconnected (close 1013).
+    #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Rooms one connection may join.
+    #[arg(long, env = "MAX_ROOMS_PER_CONN", default_value_t = 32)]
+    pub max_rooms_per_conn: usize,
+    /// Messages sent on join/recovery at most; more than that after `since` means `recovered:false`.
+    #[arg(long, env = "HISTORY_ON_JOIN", default_value_t = 100)]
+    pub history_on_join: i64,
+    /// How long a publish may take before the client gets `bus_unavailable` (ms).
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
+    pub publish_timeout_ms: u64,
+}
+
+impl Limits {
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+/// The `db-writer` role.
+#[derive(Debug, Clone, Args)]
+pub struct PersistConfig {
+    /// Rows per transaction at most.
+    #[arg(
+        id = "persist_batch_size",
+        long = "persist-batch-size",
+        env = "PERSIST_BATCH_SIZE",
+        default_value_t = 500
+    )]
+    pub batch_size: usize,
+    /// Longest a message waits for its batch to fill (ms).
+    #[arg(
+        id = "persist_batch_wait_ms",
+        long = "persist-batch-wait-ms",
+        env = "PERSIST_BATCH_WAIT_MS",
+        default_value_t = 50
+    )]
+    pub batch_wait_ms: u64,
+    /// Consumer group of the persistence role.
+    #[arg(
+        id = "persist_group",
+        long = "persist-group",
+        env = "PERSIST_GROUP",
+        default_value = "db-writer"
+    )]
+    pub group: String,
+}
+
+/// The `analytics` role.
+#[derive(Debug, Clone, Args)]
+pub struct AnalyticsConfig {
+    /// Messages per user per minute in one room above which the user is flagged as flooding.
+    #[arg(long, env = "FLOOD_MAX_PER_MIN", default_value_t = 60)]
+    pub flood_max_per_min: u32,
+    /// How often aggregates are written to the DB (ms).
+    #[arg(
+        id = "analytics_flush_ms",
+        long = "analytics-flush-ms",
+        env = "ANALYTICS_FLUSH_MS",
+        default_value_t = 1000
+    )]
+    pub flush_ms: u64,
+    /// Consumer group of the analytics role.
+    #[arg(
+        id = "analytics_group",
+        long = "analytics-group",
+        env = "ANALYTICS_GROUP",
+        default_value = "analytics"
+    )]
+    pub group: String,
+    /// Publish a system message into the room when a user is flagged.
+    #[arg(long, env = "FLOOD_WARNINGS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub flood_warnings: bool,
+}
+
+impl Config {
+    /// Builds a config from defaults and environment only (tests use this and
+    /// then override fields).
+    pub fn from_env() -> Result<Config, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            cfg: Config,
+        }
+        use clap::Parser;
+        Wrapper::try_parse_from(["chat-relay"]).map(|w| w.cfg)
+    }
+
+    pub fn has_role(&self, r: Role) -> bool {
+        self.roles.contains(&r)
+    }
+}

@@ -1,0 +1,376 @@
+//! One WebSocket connection. The reader decodes client frames and answers each
+//! with a frame (never a silent drop); the writer drains the outbound queue,
+//! writing every queued frame before one flush so a burst costs one syscall.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use governor::{Quota, RateLimiter};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::rooms::{ConnId, Frame};
+use crate::app::AppState;
+use crate::bus::{Outgoing, Priority};
+use crate::protocol::{
+    BusEvent, ClientFrame, ErrorCode, PresenceEvent, RoomId, ServerFrame, decode_client_frame,
+    error_frame,
+};
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Close codes (RFC 6455 and IANA registry).
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_TRY_AGAIN: u16 = 1013;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+struct Conn {
+    id: ConnId,
+    user: Arc<str>,
+    tx: mpsc::Sender<Frame>,
+    kick: CancellationToken,
+    joined: HashMap<RoomId, ()>,
+    state: AppState,
+}
+
+fn text(s: String) -> Frame {
+    Frame {
+        id: None,
+        text: Utf8Bytes::from(s),
+    }
+}
+
+impl Conn {
+    /// Queues a frame; a full queue means the client is too slow: kick it.
+    fn push(&self, f: Frame) {
+        if self.tx.try_send(f).is_err() {
+            metrics::counter!("ws_slow_client_kicks_total").increment(1);
+            self.kick.cancel();
+        }
+    }
+
+    fn error(&self, code: ErrorCode, message: &str, cid: Option<&str>) {
+        metrics::counter!("ws_client_errors_total", "code" => code.as_str()).increment(1);
+        self.push(text(error_frame(code, message, cid)));
+    }
+
+    async fn publish_presence(&self, room: &RoomId, event: PresenceEvent) {
+        let ev = BusEvent::Presence {
+            room: room.clone(),
+            user: self.user.to_string(),
+            event,
+            instance: Some(self.state.instance.clone()),
+        };
+        let out = Outgoing {
+            room: room.clone(),
+            payload: Bytes::from(ev.to_json()),
+            priority: Priority::System,
+        };
+        let timeout = self.state.cfg.limits.publish_timeout();
+        match tokio::time::timeout(timeout, self.state.bus.publish(out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "presence not published"),
+            Err(_) => tracing::debug!("presence publish timed out"),
+        }
+    }
+
+    async fn join(&mut self, room: RoomId, since: Option<String>) {
+        let limits = self.state.cfg.clone();
+        let limits = &limits.limits;
+        if self.joined.contains_key(&room) {
+            // Re-join: answer again so clients can use it to resync, but do not
+            // register twice.
+            self.leave_inner(&room).await;
+        }
+        if self.joined.len() >= limits.max_rooms_per_conn {
+            self.error(
+                ErrorCode::BadFrame,
+                &format!("at most {} rooms per connection", limits.max_rooms_per_conn),
+                None,
+            );
+            return;
+        }
+        let ticket = match self
+            .state
+            .rooms
+            .enter(
+                &room,
+                self.id,
+                self.user.clone(),
+                self.tx.clone(),
+                self.kick.clone(),
+            )
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                self.error(
+                    ErrorCode::BusUnavailable,
+                    &format!("cannot join: {e}"),
+                    None,
+                );
+                return;
+            }
+        };
+        self.joined.insert(room.clone(), ());
+        let (history, recovered) = self.history(&room, since.as_deref(), ticket.recent).await;
+        let members = self.state.rooms.members(&room);
+        self.push(text(
+            ServerFrame::Joined {
+                room: &room,
+                members,
+                recovered,
+            }
+            .to_json(),
+        ));
+        let mut sent = HashSet::with_capacity(history.len());
+        for f in history {
+            if let Some(id) = &f.id {
+                sent.insert(id.clone());
+            }
+            self.push(f);
+        }
+        self.state.rooms.release(&room, self.id, &sent);
+        self.publish_presence(&room, PresenceEvent::Join).await;
+    }
+
+    /// History to send after `joined`: the messages after `since` (recovery) or
+    /// the latest ones, merged from the DB and this instance's recent ring (the
+    /// ring covers what the persistence worker has not written yet).
+    async fn history(
+        &self,
+        room: &RoomId,
+        since: Option<&str>,
+        recent: Vec<Frame>,
+    ) -> (Vec<Frame>, bool) {
+        let limit = self.state.cfg.limits.history_on_join.max(1);
+        let store = &self.state.store;
+        let mut by_id: std::collections::BTreeMap<Arc<str>, Frame> = recent
+            .into_iter()
+            .filter_map(|f| f.id.clone().map(|id| (id, f)))
+            .collect();
+        let ring_has_since = since.is_some_and(|s| by_id.contains_key(s));
+        let ring_oldest = by_id.keys().next().cloned();
+        let db = match since {
+            Some(s) => store.after(room, s, limit + 1).await,
+            None => store.history(room, None, limit).await,
+        };
+        let db_rows = match db {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, %room, "history unavailable");
+                Vec::new()
+            }
+        };
+        let mut db_ok = true;
+        for m in db_rows {
+            let id: Arc<str> = Arc::from(m.id.as_str());
+            by_id.entry(id.clone()).or_insert_with(|| Frame {
+                id: Some(id),
+                text: Utf8Bytes::from(BusEvent::Message(m).to_json()),
+            });
+        }
+        let recovered = match since {
+            None => false,
+            Some(s) => {
+                by_id.retain(|k, _| &**k > s);
+                let known = ring_has_since
+                    || match store.has_message(room, s).await {
+                        Ok(found) => found,
+                        Err(_) => {
+                            db_ok = false;
+                            false
+                        }
+                    }
+                    // The ring starts at or before `since`: nothing can be missing.
+                    || ring_oldest.as_deref().is_some_and(|o| o <= s);
+                known && db_ok && by_id.len() as i64 <= limit
+            }
+        };
+        let mut frames: Vec<Frame> = by_id.into_values().collect();
+        if frames.len() as i64 > limit {
+            frames.drain(..frames.len() - limit as usize);
+        }
+        (frames, recovered)
+    }
+
+    async fn leave_inner(&mut self, room: &RoomId) {
+        if self.joined.remove(room).is_some() {
+            self.state.rooms.remove(room, self.id).await;
+            self.publish_presence(room, PresenceEvent::Leave).await;
+        }
+    }
+
+    async fn leave(&mut self, room: RoomId) {
+        if !self.joined.contains_key(&room) {
+            self.error(ErrorCode::NotJoined, "you are not in this room", None);
+            return;
+        }
+        self.leave_inner(&room).await;
+        self.push(text(ServerFrame::Left { room: &room }.to_json()));
+    }
+
+    async fn send(&mut self, room: RoomId, body: String, cid: Option<String>) {
+        if !self.joined.contains_key(&room) {
+            self.error(
+                ErrorCode::NotJoined,
+                "join the room before sending to it",
+                cid.as_deref(),
+            );
+            return;
+        }
+        match super::publish_chat(&self.state, room, self.user.to_string(), body).await {
+            Ok(id) => self.push(text(
+                ServerFrame::Ack {
+                    cid: cid.as_deref(),
+                    id: &id,
+                }
+                .to_json(),
+            )),
+            Err(message) => self.error(ErrorCode::BusUnavailable, &message, cid.as_deref()),
+        }
+    }
+}
+
+/// Serves one upgraded socket until the client leaves, is kicked, or the
+/// server shuts down.
+pub async fn serve(socket: WebSocket, user: Result<String, String>, state: AppState) {
+    let (mut sink, mut stream) = socket.split();
+    let user = match user {
+        Ok(u) => u,
+        Err(reason) => {
+            let _ = sink
+                .send(Message::Text(
+                    error_frame(ErrorCode::BadFrame, &reason, None).into(),
+                ))
+                .await;
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code: CLOSE_POLICY,
+                    reason: "bad user name".into(),
+                })))
+                .await;
+            return;
+        }
+    };
+    let limits = state.cfg.limits.clone();
+    let (tx, mut rx) = mpsc::channel::<Frame>(limits.outbound_queue.max(1));
+    let kick = CancellationToken::new();
+    let shutdown = state.shutdown.clone();
+    metrics::gauge!("ws_connections").increment(1.0);
+    state.connections.fetch_add(1, Ordering::Relaxed);
+
+    // Writer: drains the queue, batching queued frames into one flush.
+    let writer_kick = kick.clone();
+    let close_on_oversize = CancellationToken::new();
+    let oversize = close_on_oversize.clone();
+    let writer = tokio::spawn(async move {
+        let close = |code: u16, reason: &'static str| {
+            Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }))
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let _ = sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
+                    break;
+                }
+                _ = oversize.cancelled() => {
+                    let _ = sink.send(close(CLOSE_TOO_BIG, "frame too big")).await;
+                    break;
+                }
+                _ = writer_kick.cancelled() => {
+                    let _ = sink.send(close(CLOSE_TRY_AGAIN, "too slow: outbound queue full")).await;
+                    break;
+                }
+                f = rx.recv() => {
+                    let Some(f) = f else { break };
+                    if sink.feed(Message::Text(f.text)).await.is_err() { break; }
+                    let mut ok = true;
+                    while let Ok(f) = rx.try_recv() {
+                        if sink.feed(Message::Text(f.text)).await.is_err() { ok = false; break; }
+                    }
+                    if !ok || sink.flush().await.is_err() { break; }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut conn = Conn {
+        id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+        user: Arc::from(user.as_str()),
+        tx,
+        kick: kick.clone(),
+        joined: HashMap::new(),
+        state: state.clone(),
+    };
+    let per_sec = NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limits.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    let limiter = RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst));
+
+    loop {
+        let msg = tokio::select! {
+            _ = kick.cancelled() => break,
+            _ = state.shutdown.cancelled() => break,
+            m = stream.next() => m,
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                // tungstenite reports an over-limit frame as a capacity error.
+                let s = e.to_string();
+                if s.contains("too long") || s.contains("too big") || s.contains("Space limit") {
+                    metrics::counter!("ws_oversized_frames_total").increment(1);
+                    close_on_oversize.cancel();
+                }
+                break;
+            }
+            None => break,
+        };
+        match msg {
+            Message::Text(t) => match decode_client_frame(t.as_str(), limits.max_text_bytes) {
+                Ok(ClientFrame::Join { room, since }) => conn.join(room, since).await,
+                Ok(ClientFrame::Leave { room }) => conn.leave(room).await,
+                Ok(ClientFrame::Send { room, text, cid }) => {
+                    if limiter.check().is_err() {
+                        conn.error(
+                            ErrorCode::RateLimited,
+                            "too many messages: slow down",
+                            cid.as_deref(),
+                        );
+                    } else {
+                        conn.send(room, text, cid).await;
+                    }
+                }
+                Err(e) => conn.error(e.code, &e.message, e.cid.as_deref()),
+            },
+            Message::Binary(_) => conn.error(
+                ErrorCode::BinaryNotSupported,
+                "binary frames are not supported: send JSON text frames",
+                None,
+            ),
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+
+    let rooms: Vec<RoomId> = conn.joined.keys().cloned().collect();
+    for r in rooms {
+        conn.leave_inner(&r).await;
+    }
+    drop(conn);
+    // The writer ends once every queue sender is gone (or it sent a close).
+    let _ = writer.await;
+    metrics::gauge!("ws_connections").decrement(1.0);
+    state.connections.fetch_sub(1, Ordering::Relaxed);
+}

@@ -1,0 +1,259 @@
+//! The room registry of one instance: which local connections are in which
+//! room, the members other instances announced, and a short ring of recent
+//! messages per room for gap-free recovery of reconnecting clients.
+//!
+//! The hot path is [`Rooms::dispatch`]: one bus delivery → one shared
+//! `Utf8Bytes` frame cloned (a reference-count bump) into each member's
+//! bounded outbound queue. A member whose queue is full is a slow client and is
+//! kicked (close 1013) instead of slowing the room down.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{BusError, RoomInterest};
+use crate::protocol::{PresenceEvent, RoomId};
+
+/// A frame queued for one connection: text plus, for chat messages, the id
+/// (used to drop duplicates while a join is replaying history).
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub id: Option<Arc<str>>,
+    pub text: Utf8Bytes,
+}
+
+pub type ConnId = u64;
+
+/// Where a member's frames go: during a join they are held back until the
+/// history has been sent, then the held frames are flushed in order.
+enum Sink {
+    Live,
+    Joining(Vec<Frame>),
+}
+
+struct Member {
+    user: Arc<str>,
+    tx: mpsc::Sender<Frame>,
+    kick: CancellationToken,
+    sink: Sink,
+}
+
+#[derive(Default)]
+struct Room {
+    local: HashMap<ConnId, Member>,
+    /// (instance, user) → open connections, learned from presence events.
+    remote: HashMap<(String, String), u32>,
+    recent: VecDeque<Frame>,
+}
+
+/// Largest number of frames held back for one member during a join.
+const MAX_HELD: usize = 4096;
+
+pub struct Rooms {
+    rooms: DashMap<RoomId, Room>,
+    interest: std::sync::RwLock<Option<Arc<dyn RoomInterest>>>,
+    ring: usize,
+    instance: String,
+}
+
+/// What a join got: the recent ring snapshot (for recovery).
+pub struct JoinTicket {
+    pub recent: Vec<Frame>,
+    pub first_in_room: bool,
+}
+
+impl Rooms {
+    pub fn new(instance: String, ring: usize) -> Self {
+        Rooms {
+            rooms: DashMap::new(),
+            interest: std::sync::RwLock::new(None),
+            ring,
+            instance,
+        }
+    }
+
+    /// Installs the live-delivery subscription's room handle and re-adds every
+    /// room with local members (after a re-subscribe).
+    pub async fn set_interest(&self, interest: Arc<dyn RoomInterest>) -> Result<(), BusError> {
+        if let Ok(mut i) = self.interest.write() {
+            *i = Some(interest.clone());
+        }
+        let rooms: Vec<RoomId> = self.rooms.iter().map(|r| r.key().clone()).collect();
+        for r in rooms {
+            interest.add_room(&r).await?;
+        }
+        Ok(())
+    }
+
+    fn interest(&self) -> Option<Arc<dyn RoomInterest>> {
+        self.interest.read().ok().and_then(|i| i.clone())
+    }
+
+    pub fn local_rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Registers a connection in a room with its frames held back. Call
+    /// [`Rooms::release`] once history was sent. The bus interest for the room is
+    /// added (and confirmed) before this returns, so nothing published after
+    /// it is missed.
+    pub async fn enter(
+        &self,
+        room: &RoomId,
+        conn: ConnId,
+        user: Arc<str>,
+        tx: mpsc::Sender<Frame>,
+        kick: CancellationToken,
+    ) -> Result<JoinTicket, BusError> {
+        let (first, recent) = {
+            let mut r = self.rooms.entry(room.clone()).or_default();
+            let first = r.local.is_empty();
+            r.local.insert(
+                conn,
+                Member {
+                    user,
+                    tx,
+                    kick,
+                    sink: Sink::Joining(Vec::new()),
+                },
+            );
+            (first, r.recent.iter().cloned().collect())
+        };
+        if first
+            && let Some(i) = self.interest()
+            && let Err(e) = i.add_room(room).await
+        {
+            self.remove(room, conn).await;
+            return Err(e);
+        }
+        Ok(JoinTicket {
+            recent,
+            first_in_room: first,
+        })
+    }
+
+    /// Flushes the frames held during the join (skipping ids already sent with
+    /// the history) and switches the member to live delivery, atomically with
+    /// respect to new deliveries so nothing is reordered.
+    pub fn release(&self, room: &RoomId, conn: ConnId, sent: &HashSet<Arc<str>>) {
+        if let Some(mut r) = self.rooms.get_mut(room)
+            && let Some(m) = r.local.get_mut(&conn)
+            && let Sink::Joining(held) = std::mem::replace(&mut m.sink, Sink::Live)
+        {
+            for f in held {
+                if f.id.as_ref().is_some_and(|id| sent.contains(id)) {
+                    continue;
+                }
+                if m.tx.try_send(f).is_err() {
+                    m.kick.cancel();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Removes a connection from a room; drops the bus interest when it was the
+    /// last local member.
+    pub async fn remove(&self, room: &RoomId, conn: ConnId) {
+        let emptied = match self.rooms.get_mut(room) {
+            Some(mut r) => {
+                r.local.remove(&conn);
+                r.local.is_empty()
+            }
+            None => false,
+        };
+        if emptied {
+            // Re-check under the map lock: someone may have joined meanwhile.
+            let removed = self
+                .rooms
+                .remove_if(room, |_, r| r.local.is_empty())
+                .is_some();
+            if removed
+                && let Some(i) = self.interest()
+                && let Err(e) = i.remove_room(room).await
+            {
+                tracing::warn!(error = %e, %room, "could not drop room interest");
+            }
+        }
+    }
+
+    /// Current members: local users plus users other instances announced.
+    pub fn members(&self, room: &RoomId) -> Vec<String> {
+        let mut set: Vec<String> = match self.rooms.get(room) {
+            Some(r) => r
+                .local
+                .values()
+                .map(|m| m.user.to_string())
+                .chain(r.remote.keys().map(|(_, u)| u.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
+        set.sort();
+        set.dedup();
+        set
+    }
+
+    /// Records a presence event from another instance.
+    pub fn remote_presence(&self, room: &RoomId, instance: &str, user: &str, ev: PresenceEvent) {
+        if instance == self.instance {
+            return;
+        }
+        if let Some(mut r) = self.rooms.get_mut(room) {
+            let key = (instance.to_string(), user.to_string());
+            match ev {
+                PresenceEvent::Join => *r.remote.entry(key).or_default() += 1,
+                PresenceEvent::Leave => {
+                    if let Some(n) = r.remote.get_mut(&key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            r.remote.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pushes one frame to every local member of `room`. Returns how many got it.
+    pub fn dispatch(&self, room: &RoomId, frame: Frame) -> usize {
+        let Some(mut r) = self.rooms.get_mut(room) else {
+            return 0;
+        };
+        let mut n = 0;
+        for m in r.local.values_mut() {
+            match &mut m.sink {
+                Sink::Live => match m.tx.try_send(frame.clone()) {
+                    Ok(()) => n += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        metrics::counter!("ws_slow_client_kicks_total").increment(1);
+                        m.kick.cancel();
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                },
+                Sink::Joining(held) => {
+                    if held.len() < MAX_HELD {
+                        held.push(frame.clone());
+                    } else {
+                        m.kick.cancel();
+                    }
+                }
+            }
+        }
+        if frame.id.is_some() && self.ring > 0 {
+            if r.recent.len() == self.ring {
+                r.recent.pop_front();
+            }
+            r.recent.push_back(frame);
+        }
+        n
+    }
+
+    /// All room ids with local members.
+    pub fn rooms(&self) -> Vec<RoomId> {
+        self.rooms.iter().map(|r| r.key().clone()).collect()
+    }
+}

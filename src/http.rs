@@ -1,0 +1,266 @@
+//! HTTP routes: the WebSocket endpoint, history, stats, health and metrics.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::services::ServeDir;
+use tower_http::trace::TraceLayer;
+
+use crate::app::AppState;
+use crate::config::Role;
+use crate::gateway::conn;
+use crate::protocol::{RoomId, valid_user};
+
+/// The process-wide Prometheus recorder (installed once; several
+/// applications in one test process share it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is installed: render an empty registry.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+pub fn router(state: AppState) -> Router {
+    let _ = metrics_handle();
+    let mut r = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/stats", get(stats))
+        .route(
+            "/api/rooms/{room}/messages",
+            get(history).post(post_message),
+        );
+    if state.cfg.has_role(Role::Gateway) {
+        r = r
+            .route("/ws", get(ws))
+            .fallback_service(ServeDir::new(&state.cfg.static_dir));
+    }
+    r.layer(TraceLayer::new_for_http()).with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct WsParams {
+    user: Option<String>,
+}
+
+async fn ws(
+    State(state): State<AppState>,
+    Query(p): Query<WsParams>,
+    ConnectInfo(_peer): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
+    }
+    let user = match p.user {
+        Some(u) if valid_user(&u) => Ok(u),
+        Some(_) => Err("user name must be 1-32 characters, no control characters".to_string()),
+        None => Err("missing ?user=<name>".to_string()),
+    };
+    let limits = &state.cfg.limits;
+    upgrade
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        // Small buffers: most sockets are idle and each buffer is per connection.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
+        .on_upgrade(move |socket| conn::serve(socket, user, state))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let bus = state.bus.ready().await;
+    let db = state.store.ping().await;
+    let mut roles_ok = true;
+    let mut roles = serde_json::Map::new();
+    for (name, rx) in &state.role_ready {
+        let ok = *rx.borrow();
+        roles_ok &= ok;
+        roles.insert(
+            (*name).into(),
+            (if ok { "ok" } else { "not subscribed" }).into(),
+        );
+    }
+    let body = json!({
+        "bus": bus.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+        "db": db.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
+        "roles": roles,
+        "backend": state.bus.backend(),
+    });
+    let status = if bus.is_ok() && db.is_ok() && roles_ok && !state.shutdown.is_cancelled() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    for g in [&state.cfg.persist.group, &state.cfg.analytics.group] {
+        if let Some(lag) = state.bus.lag(g).await {
+            metrics::gauge!("bus_consumer_lag", "group" => g.clone()).set(lag as f64);
+        }
+    }
+    metrics::gauge!("local_rooms").set(state.rooms.local_rooms() as f64);
+    metrics_handle().render().into_response()
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    limit: Option<i64>,
+    before: Option<String>,
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    Query(p): Query<HistoryParams>,
+) -> Response {
+    let Some(room) = RoomId::parse(&room) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_room",
+            "room must be chat.<name> or ai.<name>",
+        );
+    };
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            "limit must be 1..=500",
+        );
+    }
+    match state.store.history(&room, p.before.as_deref(), limit).await {
+        Ok(msgs) => {
+            let messages: Vec<serde_json::Value> = msgs
+                .into_iter()
+                .map(|m| {
+                    let mut v = serde_json::to_value(&m).unwrap_or_default();
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("type".into(), "message".into());
+                    }
+                    v
+                })
+                .collect();
+            Json(json!({"room": room, "messages": messages})).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "history query failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "db_unavailable",
+                "history is unavailable right now",
+            )
+        }
+    }
+}
+
+async fn stats(State(state): State<AppState>) -> Response {
+    let now = chrono::Utc::now().timestamp_millis();
+    match state.store.stats(now, 100).await {
+        Ok(rooms) => Json(json!({
+            "backend": state.bus.backend(),
+            "instance": state.instance,
+            "db": state.store.kind(),
+            "capabilities": state.bus.capabilities(),
+            "connections": state.connections.load(Ordering::Relaxed),
+            "local_rooms": state.rooms.local_rooms(),
+            "rooms": rooms,
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "stats query failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "db_unavailable",
+                "stats are unavailable right now",
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct PostMessage {
+    user: String,
+    text: String,
+}
+
+/// `POST /api/rooms/<room>/messages` `{"user":…,"text":…}`: publishes like a
+/// WebSocket `send` (for bots, the AI game master and the load tests) and
+/// answers `202 {"id":…}` once the bus accepted it.
+async fn post_message(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    body: Result<Json<PostMessage>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(room) = RoomId::parse(&room) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_room",
+            "room must be chat.<name> or ai.<name>",
+        );
+    };
+    let Ok(Json(body)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_frame",
+            "body must be JSON {\"user\":…,\"text\":…}",
+        );
+    };
+    if !valid_user(&body.user) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_frame",
+            "user name must be 1-32 characters",
+        );
+    }
+    if body.text.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "empty_text", "text is empty");
+    }
+    if body.text.len() > state.cfg.limits.max_text_bytes {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "text_too_long",
+            "text is too long",
+        );
+    }
+    match crate::gateway::publish_chat(&state, room, body.user, body.text).await {
+        Ok(id) => (StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response(),
+        Err(message) => error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", &message),
+    }
+}

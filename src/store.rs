@@ -1,0 +1,421 @@
+//! The database: SQLite (default, a file next to the binary) or PostgreSQL,
+//! chosen by the `DATABASE_URL` scheme. Migrations run at start-up.
+//!
+//! Every write is idempotent by message id: the persistence worker inserts with
+//! `ON CONFLICT (id) DO NOTHING`, and the analytics worker records the ids it
+//! counted in `analytics_seen` inside the same transaction as the counts, so a
+//! redelivered (or replayed) message changes nothing the second time.
+//!
+//! The SQL is written once in PostgreSQL's dialect (`$1` placeholders,
+//! `GREATEST`) and rewritten for SQLite (`?1`, `MAX`) by [`Store::sql`].
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{QueryBuilder, Row};
+
+use crate::protocol::{ChatMessage, MessageKind, RoomId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported DATABASE_URL (want sqlite:// or postgres://): {0}")]
+    BadUrl(String),
+}
+
+/// A connection pool to one of the two supported databases.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code against whichever pool this store has.
+macro_rules! on_pool {
+    ($self:expr, $pool:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite($pool) => $body,
+            Store::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Rows per INSERT statement: 7 parameters per row stays far below both
+/// databases' bind-parameter limits.
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Aggregates of one room, as served by `/api/stats`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoomStats {
+    pub room: String,
+    pub messages: i64,
+    /// Messages in the last 60 s (by message timestamp).
+    pub per_min: i64,
+    /// Distinct users who wrote in the last 5 minutes.
+    pub active_users: i64,
+    pub top_talkers: Vec<Talker>,
+    /// Users flagged for flooding in the last 10 minutes.
+    pub flagged: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Talker {
+    pub user: String,
+    pub messages: i64,
+}
+
+/// A user who crossed the flood threshold in this batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloodFlag {
+    pub room: RoomId,
+    pub user: String,
+    pub rate: i64,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Store {
+    /// Connects and runs migrations.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let store = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await?;
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            Store::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url)
+                .await?;
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            Store::Postgres(pool)
+        } else {
+            return Err(StoreError::BadUrl(url.to_string()));
+        };
+        Ok(store)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Rewrites PostgreSQL-dialect SQL for SQLite.
+    fn sql(&self, pg: &str) -> String {
+        match self {
+            Store::Postgres(_) => pg.to_string(),
+            Store::Sqlite(_) => pg.replace('$', "?").replace("GREATEST(", "MAX("),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+
+    /// Inserts a batch in one transaction; returns how many rows were new
+    /// (the rest were already stored: redeliveries or replays).
+    pub async fn insert_messages(&self, batch: &[ChatMessage]) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let stored_at = now_ms();
+        let n = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let mut inserted = 0;
+            for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+                let mut qb = QueryBuilder::new(
+                    "INSERT INTO messages (id, room, user_name, text, ts, kind, stored_at) ",
+                );
+                qb.push_values(chunk, |mut b, m| {
+                    b.push_bind(m.id.as_str())
+                        .push_bind(m.room.as_str())
+                        .push_bind(m.user.as_str())
+                        .push_bind(m.text.as_str())
+                        .push_bind(m.ts)
+                        .push_bind(m.kind.as_str())
+                        .push_bind(stored_at);
+                });
+                qb.push(" ON CONFLICT (id) DO NOTHING");
+                inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await?;
+            inserted
+        });
+        Ok(n)
+    }
+
+    /// Messages of `room` older than `before` (or the latest), oldest first.
+    pub async fn history(
+        &self,
+        room: &RoomId,
+        before: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let sql = self.sql(
+            "SELECT id, room, user_name, text, ts, kind FROM messages \
+             WHERE room = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+        );
+        // ULIDs are Crockford base32: every id sorts below "~".
+        let before = before.unwrap_or("~");
+        let mut rows = on_pool!(self, p => {
+            let rows = sqlx::query(&sql)
+                .bind(room.as_str())
+                .bind(before)
+                .bind(limit)
+                .fetch_all(p)
+                .await?;
+            rows.iter().map(row_to_message).collect::<Result<Vec<_>, _>>()?
+        });
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// Messages of `room` after `since`, oldest first, at most `limit`.
+    pub async fn after(
+        &self,
+        room: &RoomId,
+        since: &str,
+        limit: i64,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let sql = self.sql(
+            "SELECT id, room, user_name, text, ts, kind FROM messages \
+             WHERE room = $1 AND id > $2 ORDER BY id LIMIT $3",
+        );
+        let rows = on_pool!(self, p => {
+            let rows = sqlx::query(&sql)
+                .bind(room.as_str())
+                .bind(since)
+                .bind(limit)
+                .fetch_all(p)
+                .await?;
+            rows.iter().map(row_to_message).collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Whether message `id` of `room` is stored.
+    pub async fn has_message(&self, room: &RoomId, id: &str) -> Result<bool, StoreError> {
+        let sql = self.sql("SELECT 1 FROM messages WHERE id = $1 AND room = $2");
+        let found = on_pool!(self, p => sqlx::query(&sql)
+            .bind(id)
+            .bind(room.as_str())
+            .fetch_optional(p)
+            .await?
+            .is_some());
+        Ok(found)
+    }
+
+    /// Number of stored messages (all rooms, or one).
+    pub async fn count_messages(&self, room: Option<&RoomId>) -> Result<i64, StoreError> {
+        let (sql, bind) = match room {
+            Some(r) => (
+                self.sql("SELECT COUNT(*) FROM messages WHERE room = $1"),
+                Some(r.as_str()),
+            ),
+            None => ("SELECT COUNT(*) FROM messages".to_string(), None),
+        };
+        let n: i64 = on_pool!(self, p => {
+            let mut q = sqlx::query(&sql);
+            if let Some(b) = bind {
+                q = q.bind(b);
+            }
+            q.fetch_one(p).await?.try_get(0)?
+        });
+        Ok(n)
+    }
+
+    /// Counts a batch of messages into the analytics tables, exactly once per
+    /// message id, in one transaction. Returns the users that crossed the
+    /// flood threshold (`flood_max` messages in 60 s in one room) with this batch.
+    pub async fn apply_analytics(
+        &self,
+        batch: &[ChatMessage],
+        flood_max: i64,
+    ) -> Result<Vec<FloodFlag>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seen_sql = self.sql(
+            "INSERT INTO analytics_seen (id, seen_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        );
+        let room_sql = self.sql(
+            "INSERT INTO room_totals (room, messages, last_ts) VALUES ($1, $2, $3) \
+             ON CONFLICT (room) DO UPDATE SET messages = room_totals.messages + excluded.messages, \
+             last_ts = GREATEST(room_totals.last_ts, excluded.last_ts)",
+        );
+        let user_sql = self.sql(
+            "INSERT INTO user_totals (room, user_name, messages, last_ts) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room, user_name) DO UPDATE SET messages = user_totals.messages + excluded.messages, \
+             last_ts = GREATEST(user_totals.last_ts, excluded.last_ts)",
+        );
+        let act_sql = self.sql(
+            "INSERT INTO activity (room, user_name, sec, messages) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room, user_name, sec) DO UPDATE SET messages = activity.messages + excluded.messages",
+        );
+        let rate_sql = self.sql(
+            "SELECT CAST(COALESCE(SUM(messages), 0) AS BIGINT) FROM activity \
+             WHERE room = $1 AND user_name = $2 AND sec > $3 AND sec <= $4",
+        );
+        let flagged_sql =
+            self.sql("SELECT flagged_at FROM flood_flags WHERE room = $1 AND user_name = $2");
+        let flag_sql = self.sql(
+            "INSERT INTO flood_flags (room, user_name, flagged_at, rate) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room, user_name) DO UPDATE SET flagged_at = excluded.flagged_at, rate = excluded.rate",
+        );
+        let now = now_ms();
+        let flags = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let mut fresh: Vec<&ChatMessage> = Vec::with_capacity(batch.len());
+            for m in batch {
+                let r = sqlx::query(&seen_sql).bind(m.id.as_str()).bind(now).execute(&mut *tx).await?;
+                if r.rows_affected() == 1 && m.kind == MessageKind::Chat {
+                    fresh.push(m);
+                }
+            }
+            let mut rooms: HashMap<&RoomId, (i64, i64)> = HashMap::new();
+            let mut users: HashMap<(&RoomId, &str), (i64, i64)> = HashMap::new();
+            let mut secs: HashMap<(&RoomId, &str, i64), i64> = HashMap::new();
+            for m in &fresh {
+                let e = rooms.entry(&m.room).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(m.ts);
+                let e = users.entry((&m.room, m.user.as_str())).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(m.ts);
+                *secs.entry((&m.room, m.user.as_str(), m.ts.div_euclid(1000))).or_default() += 1;
+            }
+            for (room, (n, last)) in &rooms {
+                sqlx::query(&room_sql).bind(room.as_str()).bind(n).bind(last).execute(&mut *tx).await?;
+            }
+            for ((room, user), (n, last)) in &users {
+                sqlx::query(&user_sql).bind(room.as_str()).bind(*user).bind(n).bind(last).execute(&mut *tx).await?;
+            }
+            for ((room, user, sec), n) in &secs {
+                sqlx::query(&act_sql).bind(room.as_str()).bind(*user).bind(sec).bind(n).execute(&mut *tx).await?;
+            }
+            let mut flags = Vec::new();
+            for ((room, user), (_, last)) in &users {
+                let last_sec = last.div_euclid(1000);
+                let rate: i64 = sqlx::query(&rate_sql)
+                    .bind(room.as_str()).bind(*user).bind(last_sec - 60).bind(last_sec)
+                    .fetch_one(&mut *tx).await?.try_get(0)?;
+                if rate > flood_max {
+                    let prev: Option<i64> = sqlx::query(&flagged_sql)
+                        .bind(room.as_str()).bind(*user)
+                        .fetch_optional(&mut *tx).await?
+                        .map(|r| r.try_get(0)).transpose()?;
+                    // Flag once per minute at most, so one flood gives one warning.
+                    if prev.is_none_or(|at| at < last - 60_000) {
+                        sqlx::query(&flag_sql).bind(room.as_str()).bind(*user).bind(*last).bind(rate)
+                            .execute(&mut *tx).await?;
+                        flags.push(FloodFlag { room: (*room).clone(), user: user.to_string(), rate });
+                    }
+                }
+            }
+            tx.commit().await?;
+            flags
+        });
+        Ok(flags)
+    }
+
+    /// Deletes per-second activity older than 10 minutes (the windows only look back 5).
+    pub async fn prune_activity(&self) -> Result<u64, StoreError> {
+        let sql = self.sql("DELETE FROM activity WHERE sec < $1");
+        let cutoff = now_ms() / 1000 - 600;
+        let n =
+            on_pool!(self, p => sqlx::query(&sql).bind(cutoff).execute(p).await?.rows_affected());
+        Ok(n)
+    }
+
+    /// Per-room aggregates for `/api/stats`, busiest rooms first, as of `now` (unix ms).
+    pub async fn stats(&self, now: i64, max_rooms: i64) -> Result<Vec<RoomStats>, StoreError> {
+        let rooms_sql = self
+            .sql("SELECT room, messages FROM room_totals ORDER BY messages DESC, room LIMIT $1");
+        let per_min_sql = self
+            .sql("SELECT CAST(COALESCE(SUM(messages), 0) AS BIGINT) FROM activity WHERE room = $1 AND sec > $2");
+        let active_sql =
+            self.sql("SELECT COUNT(DISTINCT user_name) FROM activity WHERE room = $1 AND sec > $2");
+        let top_sql = self.sql(
+            "SELECT user_name, messages FROM user_totals WHERE room = $1 \
+             ORDER BY messages DESC, user_name LIMIT 5",
+        );
+        let flagged_sql = self.sql(
+            "SELECT user_name FROM flood_flags WHERE room = $1 AND flagged_at > $2 ORDER BY user_name",
+        );
+        let now_sec = now.div_euclid(1000);
+        let out = on_pool!(self, p => {
+            let rooms = sqlx::query(&rooms_sql).bind(max_rooms).fetch_all(p).await?;
+            let mut out = Vec::with_capacity(rooms.len());
+            for r in rooms {
+                let room: String = r.try_get(0)?;
+                let messages: i64 = r.try_get(1)?;
+                let per_min: i64 = sqlx::query(&per_min_sql).bind(&room).bind(now_sec - 60)
+                    .fetch_one(p).await?.try_get(0)?;
+                let active_users: i64 = sqlx::query(&active_sql).bind(&room).bind(now_sec - 300)
+                    .fetch_one(p).await?.try_get(0)?;
+                let top_talkers = sqlx::query(&top_sql).bind(&room).fetch_all(p).await?
+                    .iter()
+                    .map(|r| Ok(Talker { user: r.try_get(0)?, messages: r.try_get(1)? }))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                let flagged = sqlx::query(&flagged_sql).bind(&room).bind(now - 600_000)
+                    .fetch_all(p).await?
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<Vec<String>, sqlx::Error>>()?;
+                out.push(RoomStats { room, messages, per_min, active_users, top_talkers, flagged });
+            }
+            out
+        });
+        Ok(out)
+    }
+
+    /// Empties the message table (used by tests and before a full Kafka replay).
+    pub async fn truncate_messages(&self) -> Result<(), StoreError> {
+        on_pool!(self, p => sqlx::query("DELETE FROM messages").execute(p).await.map(|_| ()))?;
+        Ok(())
+    }
+}
+
+fn row_to_message<R: Row>(r: &R) -> Result<ChatMessage, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let room: String = r.try_get("room")?;
+    let kind: String = r.try_get("kind")?;
+    Ok(ChatMessage {
+        room: RoomId::parse(&room)
+            .ok_or_else(|| sqlx::Error::Decode("bad room id in DB".into()))?,
+        id: r.try_get("id")?,
+        user: r.try_get("user_name")?,
+        text: r.try_get("text")?,
+        ts: r.try_get("ts")?,
+        kind: MessageKind::parse(&kind),
+    })
+}

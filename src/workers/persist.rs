@@ -1,0 +1,118 @@
+//! The persistence role: consumer group `db-writer` (shared by every instance
+//! that runs it). Messages are written in batches — one transaction per batch,
+//! `ON CONFLICT (id) DO NOTHING` — and acknowledged only after the commit, so a
+//! crash between commit and ack only causes a redelivery that writes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{backoff, next_batch};
+use crate::bus::{Delivery, MessageBus, SubscribeOptions};
+use crate::config::PersistConfig;
+use crate::protocol::{BusEvent, ChatMessage};
+use crate::store::Store;
+
+/// Runs until `shutdown`; the batch in flight is written and acked first.
+pub async fn run(
+    bus: Arc<dyn MessageBus>,
+    store: Store,
+    cfg: PersistConfig,
+    ready: tokio::sync::watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let backend = bus.backend();
+    let mut attempt = 0;
+    while !shutdown.is_cancelled() {
+        let mut sub = match bus
+            .subscribe(SubscribeOptions::shared(cfg.group.clone()))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready.send(false);
+                tracing::warn!(error = %e, group = %cfg.group, "persistence: subscribe failed, retrying");
+                attempt += 1;
+                tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(backoff(attempt)) => {} }
+                continue;
+            }
+        };
+        attempt = 0;
+        let _ = ready.send(true);
+        tracing::info!(group = %cfg.group, backend, "persistence worker subscribed");
+        let wait = Duration::from_millis(cfg.batch_wait_ms);
+        loop {
+            let Some(batch) = next_batch(&mut sub, cfg.batch_size, wait, &shutdown).await else {
+                tracing::warn!("persistence: subscription ended, re-subscribing");
+                break;
+            };
+            if batch.is_empty() {
+                break; // shutdown with nothing in flight
+            }
+            write_batch(&store, batch, &shutdown).await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+        }
+    }
+    tracing::info!("persistence worker stopped");
+}
+
+/// Writes one batch, retrying the transaction until it commits (or shutdown),
+/// then acks every delivery. Payloads that are not chat messages (presence) are
+/// acked without a write; undecodable ones are logged, counted and acked so one
+/// poison message cannot stall the group.
+async fn write_batch(store: &Store, batch: Vec<Delivery>, shutdown: &CancellationToken) {
+    let rows: Vec<ChatMessage> = batch
+        .iter()
+        .filter_map(|d| match serde_json::from_slice::<BusEvent>(&d.payload) {
+            Ok(BusEvent::Message(m)) => Some(m),
+            Ok(_) => None,
+            Err(e) => {
+                metrics::counter!("persist_undecodable_total").increment(1);
+                tracing::warn!(error = %e, room = %d.room, "persistence: undecodable payload skipped");
+                None
+            }
+        })
+        .collect();
+    let mut attempt = 0;
+    let started = std::time::Instant::now();
+    loop {
+        match store.insert_messages(&rows).await {
+            Ok(inserted) => {
+                metrics::histogram!("persist_batch_size").record(rows.len() as f64);
+                metrics::histogram!("persist_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("persist_rows_total").increment(inserted);
+                metrics::counter!("persist_duplicates_total")
+                    .increment(rows.len() as u64 - inserted);
+                let now = chrono::Utc::now().timestamp_millis();
+                for m in &rows {
+                    metrics::histogram!("persist_lag_seconds")
+                        .record((now - m.ts).max(0) as f64 / 1000.0);
+                }
+                break;
+            }
+            Err(e) => {
+                attempt += 1;
+                metrics::counter!("persist_errors_total").increment(1);
+                tracing::warn!(error = %e, attempt, rows = rows.len(), "persistence: batch failed, retrying");
+                if shutdown.is_cancelled() && attempt > 3 {
+                    // Not committed: give the deliveries back for another worker.
+                    for d in batch {
+                        let _ = d.nack().await;
+                    }
+                    return;
+                }
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+    }
+    // Acknowledge only now that the transaction has committed.
+    for d in batch {
+        if let Err(e) = d.ack().await {
+            tracing::warn!(error = %e, "persistence: ack failed (the message will be redelivered and deduplicated)");
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The relay on `BUS=redis`, end to end: two instances as one chat, what
+//! Pub/Sub loses when nobody listens (shown, not hidden), and Redis restarts.
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_relay::bus::MessageBus;
+use chat_relay::bus::redis::{RedisBus, RedisConfig};
+use chat_relay::config::{BusConfig, Config, Role};
+use chat_relay::protocol::RoomId;
+use common::app::*;
+
+fn url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn bus_at(url: &str) -> Arc<dyn MessageBus> {
+    Arc::new(
+        RedisBus::connect(RedisConfig {
+            redis_url: url.to_string(),
+            redis_reconnect_max_ms: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("Redis at {url} is unreachable: {e}")),
+    )
+}
+
+fn redis_config(db: &str, url: &str, roles: &[Role]) -> Config {
+    let mut cfg = test_config(db);
+    cfg.bus = BusConfig {
+        bus: chat_relay::bus::BusKind::Redis,
+        ..cfg.bus
+    };
+    cfg.bus.redis.redis_url = url.to_string();
+    cfg.analytics.group = common::conformance::uniq("analytics");
+    cfg.roles = roles.to_vec();
+    cfg
+}
+
+#[tokio::test]
+async fn two_instances_act_as_one_on_redis() {
+    let db = pg_db().await;
+    common::multi::two_instances_act_as_one(bus_at(&url()).await, bus_at(&url()).await, &db).await;
+}
+
+async fn send(c: &mut Client, room: &str, label: &str) {
+    for i in 0..5 {
+        c.say(room, &format!("{label}{i}")).await;
+        c.recv_type("ack").await;
+    }
+}
+
+/// Redis Pub/Sub keeps nothing for absent listeners: messages sent while the
+/// persistence role is stopped never reach the DB, although clients got `ack`s.
+#[tokio::test]
+async fn messages_published_while_persistence_is_stopped_are_lost() {
+    let (_d, db) = sqlite_db();
+    let gateway = spawn_app(redis_config(&db, &url(), &[Role::Gateway])).await;
+    let persist = spawn_app(redis_config(&db, &url(), &[Role::Persist])).await;
+    let room = format!("chat.{}", common::conformance::uniq("loss"));
+    let room_id = RoomId::parse(&room).unwrap();
+    let mut c = gateway.client("lossy").await;
+    c.join(&room, None).await;
+    send(&mut c, &room, "before").await;
+    let store = gateway.store.clone();
+    let count = || {
+        let (store, room_id) = (store.clone(), room_id.clone());
+        async move { store.count_messages(Some(&room_id)).await.unwrap() }
+    };
+    eventually(Duration::from_secs(10), "first 5 stored", || async {
+        count().await == 5
+    })
+    .await;
+
+    persist.stop().await;
+    send(&mut c, &room, "during").await; // acked by Redis, heard by nobody durable
+    let persist = spawn_app(redis_config(&db, &url(), &[Role::Persist])).await;
+    send(&mut c, &room, "after").await;
+    eventually(Duration::from_secs(10), "last 5 stored", || async {
+        count().await >= 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows = store.after(&room_id, "", 100).await.unwrap();
+    let texts: Vec<&str> = rows.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts.len(), 10, "{texts:?}");
+    assert!(
+        texts.iter().all(|t| !t.starts_with("during")),
+        "Pub/Sub lost them: {texts:?}"
+    );
+    gateway.stop().await;
+    persist.stop().await;
+}
+
+/// Redis restarted under a running relay: `/readyz` goes 503, sends get
+/// `bus_unavailable` (never silence), and after Redis is back the relay has
+/// re-subscribed its rooms and chat works again.
+#[tokio::test]
+async fn redis_restart_under_the_relay() {
+    let mut server = common::redis_server::RedisServer::start().await;
+    let (_d, db) = sqlite_db();
+    let app = spawn_app(redis_config(
+        &db,
+        &server.url(),
+        &[Role::Gateway, Role::Persist],
+    ))
+    .await;
+    let room = "chat.restart";
+    let mut c = app.client("rita").await;
+    c.join(room, None).await;
+    c.say(room, "one").await;
+    assert_eq!(c.recv_type("message").await["text"], "one");
+
+    server.kill().await;
+    eventually(Duration::from_secs(10), "readyz 503", || async {
+        app.get_json("/readyz").await.0 == 503
+    })
+    .await;
+    let cid = c.say(room, "while down").await;
+    let e = c.recv_type("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e["cid"].as_str()),
+        (Some("bus_unavailable"), Some(cid.as_str()))
+    );
+
+    server.restart().await;
+    eventually(Duration::from_secs(20), "readyz 200", || async {
+        app.get_json("/readyz").await.0 == 200
+    })
+    .await;
+    // Re-subscribed: our own message comes back through Redis again.
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            c.say(room, "back").await;
+            if let Some(v) = c.try_recv(Duration::from_millis(500)).await
+                && v["type"] == "message"
+                && v["text"] == "back"
+            {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("delivery resumes");
+    assert_eq!(got["user"], "rita");
+    app.stop().await;
+}

@@ -1,0 +1,277 @@
+//! The app harness: spawn a relay on port 0 with a real config, talk to it with
+//! real WebSocket clients (tokio-tungstenite).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_relay::app::Application;
+use chat_relay::bus::MessageBus;
+use chat_relay::config::{Config, Role};
+use chat_relay::store::Store;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub port: u16,
+    pub instance: String,
+    pub store: Store,
+    pub token: CancellationToken,
+    pub handle: JoinHandle<()>,
+}
+
+impl TestApp {
+    pub fn http(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+    pub fn ws_url(&self, user: &str) -> String {
+        format!("ws://127.0.0.1:{}/ws?user={}", self.port, user)
+    }
+    pub async fn client(&self, user: &str) -> Client {
+        Client::connect(&self.ws_url(user)).await
+    }
+    /// Graceful stop: waits for the application to finish.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.handle).await;
+    }
+    /// Crash-style stop: the task is aborted mid-flight.
+    pub async fn crash(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        http_get(&self.http(path)).await
+    }
+}
+
+/// Minimal HTTP/1.1 GET over a raw socket (keeps test deps small).
+pub async fn http_get(url: &str) -> (u16, Value) {
+    http_request("GET", url, None).await
+}
+
+/// Minimal HTTP/1.1 request with an optional JSON body.
+pub async fn http_request(method: &str, url: &str, body: Option<&str>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = TcpStream::connect(host).await.expect("connect");
+    let req = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    };
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    if let Ok(v) = serde_json::from_str(body) {
+        return (status, v);
+    }
+    // Chunked JSON bodies: the JSON between the first '{' and the last '}'.
+    if let (Some(a), Some(b)) = (body.find('{'), body.rfind('}'))
+        && let Ok(v) = serde_json::from_str(&body[a..=b])
+    {
+        return (status, v);
+    }
+    (status, Value::String(body.to_string()))
+}
+
+pub fn test_config(database_url: &str) -> Config {
+    let mut cfg = Config::from_env().expect("config");
+    cfg.bind = "127.0.0.1:0".parse().expect("addr");
+    cfg.database_url = database_url.to_string();
+    cfg.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").to_string();
+    cfg.persist.batch_wait_ms = 20;
+    cfg.analytics.flush_ms = 100;
+    cfg.limits.rate_per_sec = 1000;
+    cfg.limits.rate_burst = 1000;
+    cfg.instance_id = None;
+    cfg
+}
+
+pub fn roles(cfg: &mut Config, r: &[Role]) {
+    cfg.roles = r.to_vec();
+}
+
+/// A fresh SQLite file in a temp dir (kept alive by the returned guard).
+pub fn sqlite_db() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/chat.db", dir.path().display());
+    (dir, url)
+}
+
+/// A fresh PostgreSQL database on `TEST_DATABASE_URL` (default the local
+/// server). Fails loudly when PostgreSQL is unreachable: never skips.
+pub async fn pg_db() -> String {
+    use sqlx::Connection;
+    let base = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is unreachable: {e}"));
+    let name = format!("t_{}", ulid::Ulid::new().to_string().to_lowercase());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    let (prefix, _) = base.rsplit_once('/').expect("db url");
+    format!("{prefix}/{name}")
+}
+
+pub async fn spawn_app(cfg: Config) -> TestApp {
+    let app = Application::build(cfg).await.expect("build app");
+    start(app)
+}
+
+pub async fn spawn_app_on(cfg: Config, bus: Arc<dyn MessageBus>) -> TestApp {
+    let app = Application::build_with_bus(cfg, bus)
+        .await
+        .expect("build app");
+    start(app)
+}
+
+fn start(app: Application) -> TestApp {
+    let port = app.port();
+    let instance = app.instance().to_string();
+    let store = app.store();
+    let token = app.shutdown_token();
+    let handle = tokio::spawn(async move {
+        let _ = app.run_until_stopped().await;
+    });
+    TestApp {
+        port,
+        instance,
+        store,
+        token,
+        handle,
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    cid: u64,
+}
+
+pub const RECV: Duration = Duration::from_secs(15);
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
+        Client { ws, cid: 0 }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("ws send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.expect("ws send");
+    }
+
+    /// Next JSON frame; panics on timeout or close.
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(RECV)
+            .await
+            .expect("a frame before the timeout")
+    }
+
+    /// Next JSON text frame within `wait`; `None` on timeout, close or end.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(wait, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("json frame"));
+                }
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads frames until one of type `ty` (skipping others).
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == ty {
+                return v;
+            }
+        }
+    }
+
+    /// Reads until a close frame arrives; returns its code.
+    pub async fn recv_close(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(RECV, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Joins and returns (joined frame, the history messages that followed it).
+    /// History ends at the first frame that is not a message already stored
+    /// before the join, so callers should join before traffic starts.
+    pub async fn join(&mut self, room: &str, since: Option<&str>) -> (Value, Vec<Value>) {
+        let mut j = json!({"type": "join", "room": room});
+        if let Some(s) = since {
+            j["since"] = json!(s);
+        }
+        self.send(j).await;
+        let joined = self.recv_type("joined").await;
+        let mut hist = Vec::new();
+        while let Some(v) = self.try_recv(Duration::from_millis(300)).await {
+            if v["type"] == "message" {
+                hist.push(v);
+            }
+        }
+        (joined, hist)
+    }
+
+    /// Sends a chat message, returns its cid.
+    pub async fn say(&mut self, room: &str, text: &str) -> String {
+        self.cid += 1;
+        let cid = format!("c{}", self.cid);
+        self.send(json!({"type": "send", "room": room, "text": text, "cid": cid}))
+            .await;
+        cid
+    }
+}
+
+/// Waits until `f` returns true, polling; panics after `wait`.
+pub async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if f().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,101 @@
+//! The multi-instance harness: two relay instances on one backend, a client on
+//! each, behaving as one chat. Every backend's test calls
+//! [`two_instances_act_as_one`] with two buses of its kind (two connections to
+//! the broker — or, for `memory`, one shared in-process bus).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_relay::bus::MessageBus;
+use serde_json::Value;
+
+use super::app::*;
+
+pub async fn two_instances_act_as_one(
+    bus_a: Arc<dyn MessageBus>,
+    bus_b: Arc<dyn MessageBus>,
+    db: &str,
+) {
+    let backend = bus_a.backend();
+    let a = spawn_app_on(test_config(db), bus_a).await;
+    let b = spawn_app_on(test_config(db), bus_b).await;
+    let room = format!("chat.multi{}", ulid::Ulid::new().to_string().to_lowercase());
+    let mut ca = a.client("anna").await;
+    let mut cb = b.client("bert").await;
+    ca.join(&room, None).await;
+    cb.join(&room, None).await;
+    // Presence crosses instances.
+    let p = ca.recv_type("presence").await;
+    assert_eq!(
+        (p["user"].as_str(), p["event"].as_str()),
+        (Some("bert"), Some("join")),
+        "{backend}"
+    );
+
+    let n = 30;
+    for i in 0..n {
+        ca.say(&room, &format!("a{i}")).await;
+        cb.say(&room, &format!("b{i}")).await;
+    }
+    for (who, c) in [("anna", &mut ca), ("bert", &mut cb)] {
+        let mut msgs: Vec<Value> = Vec::new();
+        let mut acks = 0;
+        while msgs.len() < 2 * n || acks < n {
+            let v = c.recv().await;
+            match v["type"].as_str() {
+                Some("message") => msgs.push(v),
+                Some("ack") => acks += 1,
+                Some("error") => panic!("{backend}: {who} got an error {v}"),
+                _ => {}
+            }
+        }
+        // Nothing more: exactly once.
+        while let Some(v) = c.try_recv(Duration::from_millis(500)).await {
+            assert_ne!(
+                v["type"], "message",
+                "{backend}: {who} got an extra message {v}"
+            );
+        }
+        let ids: HashSet<&str> = msgs.iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), 2 * n, "{backend}: {who} got a duplicate");
+        for (user, prefix) in [("anna", "a"), ("bert", "b")] {
+            let texts: Vec<String> = msgs
+                .iter()
+                .filter(|m| m["user"] == user)
+                .map(|m| m["text"].as_str().unwrap().to_string())
+                .collect();
+            let want: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+            assert_eq!(
+                texts, want,
+                "{backend}: {who} sees {user}'s messages in order"
+            );
+        }
+    }
+    // A leave crosses too.
+    cb.send(serde_json::json!({"type": "leave", "room": room}))
+        .await;
+    let p = ca.recv_type("presence").await;
+    assert_eq!(
+        (p["user"].as_str(), p["event"].as_str()),
+        (Some("bert"), Some("leave")),
+        "{backend}"
+    );
+
+    // Both instances run the persistence role: every message is stored once.
+    let store = a.store.clone();
+    let room_id = chat_relay::protocol::RoomId::parse(&room).unwrap();
+    eventually(Duration::from_secs(20), "all rows persisted", || {
+        let (store, room_id) = (store.clone(), room_id.clone());
+        async move { store.count_messages(Some(&room_id)).await.unwrap() >= 2 * n as i64 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        store.count_messages(Some(&room_id)).await.unwrap(),
+        2 * n as i64,
+        "{backend}"
+    );
+    a.stop().await;
+    b.stop().await;
+}

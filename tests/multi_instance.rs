@@ -1,0 +1,18 @@
+//! Two relay instances acting as one chat, per backend. The broker backends
+//! add themselves here: each gives the harness two separate bus connections.
+mod common;
+
+use std::sync::Arc;
+
+use chat_relay::bus::MessageBus;
+use chat_relay::bus::memory::MemoryBus;
+use common::app::sqlite_db;
+use common::multi::two_instances_act_as_one;
+
+#[tokio::test]
+async fn memory_two_applications_on_one_in_process_bus() {
+    // `memory` is single-process: two applications only share it in one process.
+    let bus: Arc<dyn MessageBus> = Arc::new(MemoryBus::new(Default::default()));
+    let (_d, db) = sqlite_db();
+    two_instances_act_as_one(bus.clone(), bus, &db).await;
+}
