@@ -23,6 +23,8 @@ pub enum AppError {
     #[error(transparent)]
     Bus(#[from] bus::BusError),
     #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("cannot bind {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
@@ -43,6 +45,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Per role: is its consumer subscribed (drives `/readyz`)?
     pub role_ready: Vec<(&'static str, tokio::sync::watch::Receiver<bool>)>,
+    pub auth: Arc<crate::auth::Authenticator>,
+    pub conns_per_ip: Arc<crate::auth::ConnCounter>,
 }
 
 pub struct Application {
@@ -66,6 +70,13 @@ impl Application {
         cfg: Config,
         bus: Arc<dyn MessageBus>,
     ) -> Result<Application, AppError> {
+        let auth = crate::auth::Authenticator::from_config(&cfg.auth)?;
+        if cfg.has_role(Role::Gateway) && auth.is_open() {
+            tracing::warn!(
+                "authentication is OFF: any client may connect under any name \
+                 (set AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY to require tokens)"
+            );
+        }
         let store = Store::connect(&cfg.database_url).await?;
         let instance = cfg
             .instance_id
@@ -150,6 +161,8 @@ impl Application {
             connections: Arc::default(),
             shutdown,
             role_ready,
+            auth: Arc::new(auth),
+            conns_per_ip: Arc::default(),
         };
         Ok(Application {
             listener,

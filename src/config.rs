@@ -71,6 +71,9 @@ pub struct Config {
     pub limits: Limits,
 
     #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
+
+    #[command(flatten)]
     pub persist: PersistConfig,
 
     #[command(flatten)]
@@ -95,9 +98,16 @@ pub struct Limits {
     /// Frames queued for one client before it counts as slow and is disconnected (close 1013).
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
-    /// Rooms one connection may join.
+    /// Rooms one connection may join (error `too_many_rooms` above).
     #[arg(long, env = "MAX_ROOMS_PER_CONN", default_value_t = 32)]
     pub max_rooms_per_conn: usize,
+    /// Open WebSocket connections per client IP (HTTP 429 above; 0 = no limit).
+    /// Behind a reverse proxy every client shares the proxy's IP: raise it or set 0.
+    #[arg(long, env = "MAX_CONNS_PER_IP", default_value_t = 256)]
+    pub max_conns_per_ip: usize,
+    /// Members of one room on this instance (error `room_full` above; 0 = no limit).
+    #[arg(long, env = "MAX_MEMBERS_PER_ROOM", default_value_t = 10000)]
+    pub max_members_per_room: usize,
     /// Messages sent on join/recovery at most; more than that after `since` means `recovered:false`.
     #[arg(long, env = "HISTORY_ON_JOIN", default_value_t = 100)]
     pub history_on_join: i64,

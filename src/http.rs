@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use axum::Json;
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -17,6 +17,7 @@ use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
+use crate::auth::{self, RoomPolicy};
 use crate::config::Role;
 use crate::gateway::conn;
 use crate::protocol::{RoomId, valid_user};
@@ -71,12 +72,17 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
 #[derive(Deserialize)]
 struct WsParams {
     user: Option<String>,
+    token: Option<String>,
 }
 
+/// The WebSocket upgrade. Refusals happen here, before the upgrade, as HTTP
+/// statuses with a JSON body: 403 foreign origin, 401 missing/bad token,
+/// 429 too many connections from one IP, 503 shutting down.
 async fn ws(
     State(state): State<AppState>,
     Query(p): Query<WsParams>,
-    ConnectInfo(_peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_cancelled() {
@@ -86,12 +92,45 @@ async fn ws(
             "server is shutting down",
         );
     }
-    let user = match p.user {
-        Some(u) if valid_user(&u) => Ok(u),
-        Some(_) => Err("user name must be 1-32 characters, no control characters".to_string()),
-        None => Err("missing ?user=<name>".to_string()),
+    if !auth::origin_allowed(&state.cfg.auth.allowed_origins, &headers) {
+        metrics::counter!("ws_rejected_total", "reason" => "origin").increment(1);
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "this origin may not open a WebSocket here (see ALLOWED_ORIGINS)",
+        );
+    }
+    let user = match state
+        .auth
+        .verify(auth::token_from(&headers, p.token.as_deref()))
+    {
+        // The name comes from the token; `?user=` is ignored.
+        Ok(Some(id)) => Ok((id.user, id.rooms)),
+        Ok(None) => match p.user {
+            Some(u) if valid_user(&u) => Ok((u, RoomPolicy::any())),
+            Some(_) => Err("user name must be 1-32 characters, no control characters".to_string()),
+            None => Err("missing ?user=<name>".to_string()),
+        },
+        Err(e) => {
+            metrics::counter!("ws_rejected_total", "reason" => "auth").increment(1);
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+        }
     };
     let limits = &state.cfg.limits;
+    let Some(slot) = state
+        .conns_per_ip
+        .try_acquire(peer.ip(), limits.max_conns_per_ip)
+    else {
+        metrics::counter!("ws_rejected_total", "reason" => "conns_per_ip").increment(1);
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            &format!(
+                "at most {} connections per IP address",
+                limits.max_conns_per_ip
+            ),
+        );
+    };
     upgrade
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
@@ -99,7 +138,7 @@ async fn ws(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
-        .on_upgrade(move |socket| conn::serve(socket, user, state))
+        .on_upgrade(move |socket| conn::serve(socket, user, state, slot))
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -216,7 +255,8 @@ async fn stats(State(state): State<AppState>) -> Response {
 
 #[derive(Deserialize)]
 struct PostMessage {
-    user: String,
+    /// Ignored when authentication is on (the token's `sub` is the user).
+    user: Option<String>,
     text: String,
 }
 
@@ -226,6 +266,7 @@ struct PostMessage {
 async fn post_message(
     State(state): State<AppState>,
     Path(room): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<PostMessage>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Some(room) = RoomId::parse(&room) else {
@@ -242,13 +283,27 @@ async fn post_message(
             "body must be JSON {\"user\":…,\"text\":…}",
         );
     };
-    if !valid_user(&body.user) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_frame",
-            "user name must be 1-32 characters",
-        );
-    }
+    let user = match state.auth.verify(auth::token_from(&headers, None)) {
+        Ok(Some(id)) if !id.rooms.allows(&room) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!("your token does not allow room {room}"),
+            );
+        }
+        Ok(Some(id)) => id.user,
+        Ok(None) => match body.user {
+            Some(u) if valid_user(&u) => u,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_frame",
+                    "user name must be 1-32 characters",
+                );
+            }
+        },
+        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+    };
     if body.text.trim().is_empty() {
         return error(StatusCode::BAD_REQUEST, "empty_text", "text is empty");
     }
@@ -259,7 +314,7 @@ async fn post_message(
             "text is too long",
         );
     }
-    match crate::gateway::publish_chat(&state, room, body.user, body.text).await {
+    match crate::gateway::publish_chat(&state, room, user, body.text).await {
         Ok(id) => (StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response(),
         Err(message) => error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", &message),
     }

@@ -2,6 +2,7 @@
 //!
 //! Layout:
 //! * [`protocol`] — the wire protocol, in one place (room ids, client and server frames, error codes).
+//! * [`auth`] — JWT identities, room claims, browser origins, per-IP connection slots.
 //! * [`config`] — every setting, from env with clap flags.
 //! * [`bus`] — the `MessageBus` trait and one module per backend (memory, redis, kafka, rabbitmq).
 //! * [`gateway`] — WebSocket connections and the per-instance room registry.
@@ -11,6 +12,7 @@
 //! * [`app`] — `Application::build(config)` → bound port → `run_until_stopped()`.
 //! * [`telemetry`] — logging set-up.
 pub mod app;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod gateway;

@@ -238,6 +238,9 @@ pub enum ErrorCode {
     NotJoined,
     RateLimited,
     BusUnavailable,
+    Forbidden,
+    TooManyRooms,
+    RoomFull,
     Internal,
 }
 
@@ -255,6 +258,9 @@ impl ErrorCode {
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BusUnavailable => "bus_unavailable",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::RoomFull => "room_full",
             ErrorCode::Internal => "internal",
         }
     }

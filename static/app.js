@@ -1,306 +1,540 @@
-// chat-relay browser client: plain ES module, no build step.
-// Every piece of user text goes through textContent, never innerHTML.
+// chat-relay browser client: a plain ES module, no build step, no CDN.
+// Rule: anything that came from a user or the server is written with
+// textContent or attributes, never innerHTML, so chat text always stays text.
+import {
+  parseRoom, parseName, latencySummary, fmtMs, errorLabel, closeLabel, backoffMs,
+} from './util.js';
+
 const $ = (id) => document.getElementById(id);
-const state = {
-  user: localStorage.getItem('user') || '',
-  rooms: new Map(), // room -> { lastId, ids:Set, items:[], members:Set }
+const sendButton = document.querySelector('#composer [type=submit]');
+/** Join refusals after which keeping the tab would only repeat the error. */
+const JOIN_REFUSALS = new Set(['forbidden', 'too_many_rooms', 'room_full', 'bad_room']);
+
+const S = {
+  user: '',
+  token: localStorage.getItem('token'),
+  rooms: new Map(), // room name -> room state (see roomState)
   current: null,
   ws: null,
-  pending: new Map(), // cid -> { li, sentAt, room }
-  backoff: 500,
-  latencies: [],
-  cid: 0,
+  attempt: 0, // reconnect attempts since the last successful open
+  timer: null,
+  joining: [], // rooms whose `join` awaits `joined`, in send order (join errors name no room)
+  pending: new Map(), // cid -> own send not acked yet
+  awaitingEcho: new Map(), // id -> acked own send whose `message` echo is still to come
+  samples: [], // own latency samples, ms
+  stats: null,
+  seq: 0,
 };
 
-function el(tag, cls, text) {
+/** Creates an element; text always goes through textContent. */
+function el(tag, cls, text, attrs = {}) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
+  if (text != null) e.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
   return e;
 }
+const hhmm = (ts) => new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
 
-function saveRooms() {
-  localStorage.setItem('rooms', JSON.stringify([...state.rooms.keys()]));
-}
+// ---- rooms and lines
 
-function room(name) {
-  if (!state.rooms.has(name)) {
-    state.rooms.set(name, { lastId: null, ids: new Set(), items: [], members: new Set() });
+/** Per-room state, created on first use. Each room owns its list (a tab panel)
+ * so switching tabs keeps every room's lines and scroll position. */
+function roomState(name) {
+  if (!S.rooms.has(name)) {
+    const list = el('ul', 'panel', null, { id: `panel-${name}`, role: 'tabpanel', tabindex: '0',
+      'aria-labelledby': `tab-${name}`, 'aria-live': 'polite', 'aria-relevant': 'additions' });
+    list.hidden = true;
+    $('messages').append(list);
+    S.rooms.set(name, { name, list, ids: new Set(), lastId: null, members: new Set(),
+      joined: false, resumeFrom: null, hasOlder: true });
   }
-  return state.rooms.get(name);
+  return S.rooms.get(name);
 }
 
-function renderTabs() {
-  const tabs = $('tabs');
-  tabs.replaceChildren();
-  for (const name of state.rooms.keys()) {
-    const b = el('button', 'tab', name);
-    b.setAttribute('role', 'tab');
-    b.dataset.testid = `tab-${name}`;
-    b.setAttribute('aria-selected', String(name === state.current));
-    b.onclick = () => select(name);
-    const x = el('button', 'close', '×');
-    x.setAttribute('aria-label', `leave ${name}`);
-    x.onclick = () => leave(name);
-    tabs.append(b, x);
-  }
+/** Inserts a line by its sort key: messages use their ULID id (sorts by time),
+ * presence lines "<last id>+" (just after what was on screen then), pending
+ * sends "~" (after everything). So history, live traffic, "Load older" and
+ * late acks all interleave correctly without re-rendering the list. */
+function place(r, li) {
+  const stick = r.list.scrollHeight - r.list.scrollTop - r.list.clientHeight < 60;
+  let at = r.list.lastElementChild;
+  while (at && at.dataset.key > li.dataset.key) at = at.previousElementSibling;
+  if (at) at.after(li);
+  else r.list.prepend(li);
+  if (stick || li.classList.contains('own')) r.list.scrollTop = r.list.scrollHeight;
 }
 
-function select(name) {
-  state.current = name;
-  renderTabs();
-  const list = $('messages');
-  list.replaceChildren(...(state.rooms.get(name)?.items || []));
-  list.scrollTop = list.scrollHeight;
-  renderMembers();
+/** A message line. Its textContent is exactly user + text: the time lives in
+ * a data attribute that CSS displays, so it is visible but not "text". */
+function messageLine(user, text, ts, cls, key) {
+  const li = el('li', `msg ${cls}${user === S.user ? ' own' : ''}`, null,
+    { 'data-time': hhmm(ts), 'data-key': key, title: new Date(ts).toLocaleString() });
+  li.append(el('span', 'user', user), el('span', 'text', text));
+  return li;
 }
 
-function renderMembers() {
-  const r = state.rooms.get(state.current);
-  $('members').replaceChildren(...[...(r?.members || [])].sort().map((m) => el('li', '', m)));
-}
-
-function addItem(name, li) {
-  const r = room(name);
-  r.items.push(li);
-  if (r.items.length > 500) r.items.shift();
-  if (name === state.current) {
-    const list = $('messages');
-    list.append(li);
-    while (list.children.length > 500) list.firstChild.remove();
-    list.scrollTop = list.scrollHeight;
-  }
-}
-
-function showMessage(m) {
-  const r = room(m.room);
-  if (r.ids.has(m.id)) return; // history + live overlap: show once
+function draw(r, m) {
   r.ids.add(m.id);
+  const li = messageLine(m.user, m.text, m.ts, m.kind === 'system' ? 'system' : 'chat', m.id);
+  li.dataset.id = m.id;
+  place(r, li);
+}
+
+/** Forgets what a room shows, when a resume left a gap: the history that
+ * follows `joined` then redraws it without holes or duplicates. */
+function clearRoom(r) {
+  r.list.replaceChildren();
+  r.ids.clear();
+  r.lastId = null;
+  r.hasOlder = true;
+}
+
+// ---- own sends: pending until the ack, latency measured at the echo
+
+function post(room, text) {
+  const r = S.rooms.get(room);
+  if (!r) return;
+  const cid = `c${Date.now().toString(36)}-${(S.seq++).toString(36)}`;
+  const li = messageLine(S.user, text, Date.now(), 'chat pending', '~');
+  li.setAttribute('aria-busy', 'true');
+  place(r, li);
+  const p = { room, text, li, sentAt: performance.now(), echo: null };
+  if (wsSend({ type: 'send', room, text, cid })) S.pending.set(cid, p);
+  else fail(p, 'offline');
+}
+
+function fail(p, code) {
+  p.li.classList.replace('pending', 'failed');
+  p.li.removeAttribute('aria-busy');
+  const retry = el('button', 'link retry', 'Retry', { type: 'button' });
+  retry.onclick = () => { p.li.remove(); post(p.room, p.text); };
+  p.li.append(el('span', 'error', errorLabel(code)), retry);
+}
+
+/** Pending → sent: the line takes its real id and moves to its sorted place. */
+function settle(r, p, id) {
+  p.li.classList.remove('pending');
+  p.li.removeAttribute('aria-busy');
+  p.li.dataset.id = p.li.dataset.key = id;
+  p.li.remove();
+  place(r, p.li);
+}
+
+function onAck(f) {
+  const p = S.pending.get(f.cid);
+  const r = p && S.rooms.get(p.room);
+  S.pending.delete(f.cid);
+  if (!r) return;
+  if (p.echo && p.echo.msg.id !== f.id) {
+    // The echo we adopted was someone else's identical text (same name in
+    // another tab): give it its own line back.
+    r.ids.delete(p.echo.msg.id);
+    draw(r, p.echo.msg);
+    p.echo = null;
+  }
+  if (p.echo) {
+    sample(p.echo.at - p.sentAt);
+    settle(r, p, f.id);
+  } else if (r.ids.has(f.id)) {
+    p.li.remove(); // its echo is already drawn: show the message once
+  } else {
+    r.ids.add(f.id);
+    settle(r, p, f.id);
+    S.awaitingEcho.set(f.id, p);
+  }
+}
+
+// ---- server frames
+
+function onMessage(m) {
+  const r = S.rooms.get(m.room);
+  if (!r) return; // a late frame for a room we already left
   if (!r.lastId || m.id > r.lastId) r.lastId = m.id;
-  // Our own message coming back: it replaces the pending line.
-  for (const [cid, p] of state.pending) {
-    if (p.id === m.id) {
-      p.li.classList.remove('pending');
-      state.pending.delete(cid);
-      recordLatency(performance.now() - p.sentAt);
+  const acked = S.awaitingEcho.get(m.id);
+  if (acked) {
+    S.awaitingEcho.delete(m.id);
+    sample(performance.now() - acked.sentAt);
+    return;
+  }
+  if (r.ids.has(m.id)) return; // history and live traffic overlap: show once
+  if (m.user === S.user) {
+    // The echo can overtake its ack: adopt the oldest pending line with the
+    // same text rather than drawing the message twice.
+    const p = [...S.pending.values()].find((x) => x.room === m.room && !x.echo && x.text === m.text);
+    if (p) {
+      p.echo = { msg: m, at: performance.now() };
+      r.ids.add(m.id);
       return;
     }
   }
-  const li = el('li', m.kind === 'system' ? 'system' : '');
-  li.dataset.id = m.id;
-  li.append(el('span', 'user', m.user), el('span', 'text', m.text));
-  li.title = new Date(m.ts).toLocaleString();
-  addItem(m.room, li);
+  draw(r, m);
 }
 
-function recordLatency(ms) {
-  state.latencies.push(ms);
-  if (state.latencies.length > 100) state.latencies.shift();
-  const s = [...state.latencies].sort((a, b) => a - b);
-  const p95 = s[Math.floor(s.length * 0.95)] ?? s[s.length - 1];
-  const avg = s.reduce((a, b) => a + b, 0) / s.length;
-  $('latency').textContent = `last ${ms.toFixed(1)} ms · avg ${avg.toFixed(1)} ms · p95 ${p95.toFixed(1)} ms`;
-}
-
-function banner(text) {
-  const b = $('banner');
-  b.hidden = !text;
-  b.textContent = text || '';
-}
-
-function send(obj) {
-  if (state.ws && state.ws.readyState === WebSocket.OPEN) {
-    state.ws.send(JSON.stringify(obj));
-    return true;
+function onJoined(f) {
+  S.joining = S.joining.filter((n) => n !== f.room);
+  const r = S.rooms.get(f.room);
+  if (!r) return;
+  r.joined = true;
+  if (r.resumeFrom && !f.recovered) {
+    banner(`Some messages in ${f.room} could not be recovered after the reconnect; showing the latest history instead.`);
+    clearRoom(r);
   }
-  return false;
+  r.members = new Set(f.members);
+  if (r.name === S.current) renderRoom();
 }
 
-function join(name) {
-  room(name);
-  if (!state.current) state.current = name;
-  saveRooms();
-  renderTabs();
-  const r = state.rooms.get(name);
-  send({ type: 'join', room: name, ...(r.lastId ? { since: r.lastId } : {}) });
-}
-
-function leave(name) {
-  send({ type: 'leave', room: name });
-  state.rooms.delete(name);
-  if (state.current === name) state.current = state.rooms.keys().next().value || null;
-  saveRooms();
-  renderTabs();
-  if (state.current) select(state.current);
-  else $('messages').replaceChildren();
-}
-
-function onFrame(f) {
-  switch (f.type) {
-    case 'joined': {
-      const r = room(f.room);
-      r.members = new Set(f.members);
-      if (r.lastId && !f.recovered) {
-        banner(`Some messages in ${f.room} could not be recovered after the reconnect.`);
-      }
-      renderMembers();
-      break;
-    }
-    case 'message':
-      showMessage(f);
-      break;
-    case 'ack': {
-      const p = state.pending.get(f.cid);
-      if (p) {
-        p.id = f.id;
-        p.li.dataset.id = f.id;
-        const r = room(p.room);
-        if (r.ids.has(f.id)) {
-          // The echo arrived before the ack and is already on screen: drop
-          // the pending copy so the message shows once.
-          p.li.remove();
-          r.items = r.items.filter((x) => x !== p.li);
-          state.pending.delete(f.cid);
-          recordLatency(performance.now() - p.sentAt);
-        } else {
-          r.ids.add(f.id);
-        }
-      }
-      break;
-    }
-    case 'presence': {
-      const r = room(f.room);
-      if (f.event === 'join') r.members.add(f.user);
-      else r.members.delete(f.user);
-      addItem(f.room, el('li', 'presence', `${f.user} ${f.event === 'join' ? 'joined' : 'left'}`));
-      renderMembers();
-      break;
-    }
-    case 'error': {
-      const p = f.cid && state.pending.get(f.cid);
-      if (p) {
-        p.li.classList.remove('pending');
-        p.li.classList.add('failed');
-        p.li.append(el('span', 'error', ` — not sent: ${f.code}`));
-        state.pending.delete(f.cid);
-      } else {
-        banner(`${f.code}: ${f.message}`);
-      }
-      break;
-    }
+function onPresence(f) {
+  const r = S.rooms.get(f.room);
+  if (!r) return;
+  if (f.event === 'join') r.members.add(f.user);
+  else if (f.user !== S.user) r.members.delete(f.user);
+  if (f.user !== S.user) { // own joins (one per reconnect) would only be noise
+    place(r, el('li', 'presence', `${f.user} ${f.event === 'join' ? 'joined' : 'left'}`,
+      { 'data-key': `${r.lastId ?? '0'}+`, 'data-time': hhmm(Date.now()) }));
   }
+  if (r.name === S.current) renderMembers();
 }
 
-// Own messages: shown as pending at once, confirmed by the ack + echo. The
-// echo (a normal `message`) is matched by id once the ack told us the id.
-function sendText(text) {
-  if (!state.current || !text.trim()) return;
-  const cid = `c${Date.now().toString(36)}${(state.cid++).toString(36)}`;
-  const li = el('li', 'pending');
-  li.append(el('span', 'user', state.user), el('span', 'text', text));
-  addItem(state.current, li);
-  const p = { li, sentAt: performance.now(), room: state.current, id: null };
-  state.pending.set(cid, p);
-  if (!send({ type: 'send', room: state.current, text, cid })) {
-    li.classList.replace('pending', 'failed');
-    li.append(el('span', 'error', ' — not sent: offline'));
-    state.pending.delete(cid);
+function onError(f) {
+  const p = f.cid != null && S.pending.get(f.cid);
+  if (p) {
+    S.pending.delete(f.cid);
+    return fail(p, f.code);
   }
+  const detail = `${errorLabel(f.code)}${f.message ? ` (${f.message})` : ''}`;
+  if (JOIN_REFUSALS.has(f.code) && (f.room || S.joining.length)) {
+    const room = f.room || S.joining.shift();
+    banner(`Could not join ${room}: ${detail}`);
+    return removeRoom(room);
+  }
+  banner(detail);
+}
+
+const HANDLERS = { message: onMessage, ack: onAck, joined: onJoined, presence: onPresence, error: onError };
+
+// ---- connection
+
+function wsSend(obj) {
+  if (S.ws?.readyState !== WebSocket.OPEN) return false;
+  S.ws.send(JSON.stringify(obj));
+  return true;
+}
+
+/** (Re)joins a room; `since` resumes right after the last message we saw. */
+function sendJoin(r) {
+  r.resumeFrom = r.lastId;
+  S.joining.push(r.name);
+  wsSend({ type: 'join', room: r.name, ...(r.lastId ? { since: r.lastId } : {}) });
+}
+
+function status(cls, text) {
+  $('status').className = `pill ${cls}`;
+  $('status').textContent = text;
 }
 
 function connect() {
-  const proto = location.protocol === 'https:' ? 'wss' : 'ws';
-  const ws = new WebSocket(`${proto}://${location.host}/ws?user=${encodeURIComponent(state.user)}`);
-  state.ws = ws;
+  clearTimeout(S.timer);
+  $('reconnect').hidden = true;
+  const q = S.token ? `token=${encodeURIComponent(S.token)}` : `user=${encodeURIComponent(S.user)}`;
+  const ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws?${q}`);
+  S.ws = ws;
+  status('connecting', 'connecting…');
   ws.onopen = () => {
-    $('status').textContent = 'online';
-    $('status').className = 'online';
-    state.backoff = 500;
-    banner('');
-    for (const name of state.rooms.keys()) join(name);
+    S.attempt = 0;
+    S.joining = [];
+    status('online', 'online');
+    for (const r of S.rooms.values()) sendJoin(r);
+    renderComposer();
   };
   ws.onmessage = (e) => {
     let f;
     try { f = JSON.parse(e.data); } catch { return; }
-    if (f.type === 'message') {
-      // An own message whose ack came first: drop the duplicate line.
-      for (const [cid, p] of state.pending) {
-        if (p.id && p.id === f.id) {
-          p.li.classList.remove('pending');
-          state.pending.delete(cid);
-          recordLatency(performance.now() - p.sentAt);
-          const r = room(f.room);
-          if (!r.lastId || f.id > r.lastId) r.lastId = f.id;
-          return;
-        }
-      }
-    }
-    onFrame(f);
+    if (Object.hasOwn(HANDLERS, f?.type)) HANDLERS[f.type](f);
   };
   ws.onclose = (e) => {
-    $('status').textContent = `offline (${e.code}) — reconnecting`;
-    $('status').className = 'offline';
-    for (const [cid, p] of state.pending) {
-      p.li.classList.replace('pending', 'failed');
-      p.li.append(el('span', 'error', ' — connection lost'));
-      state.pending.delete(cid);
+    if (S.ws !== ws) return; // dropped on purpose
+    S.ws = null;
+    for (const r of S.rooms.values()) r.joined = false;
+    for (const p of S.pending.values()) {
+      if (p.echo) settle(S.rooms.get(p.room), p, p.echo.msg.id); // the echo proved delivery
+      else fail(p, 'lost'); // may or may not have arrived: say so rather than guess
     }
-    setTimeout(connect, state.backoff);
-    state.backoff = Math.min(state.backoff * 2, 10000);
+    S.pending.clear();
+    S.awaitingEcho.clear(); // their ids stay in `ids`, so resumed copies are skipped
+    const wait = backoffMs(S.attempt++);
+    status('offline', `${closeLabel(e.code)} · retrying in ${Math.ceil(wait / 1000)} s`);
+    if ([1008, 1009, 1013].includes(e.code)) banner(`Disconnected: ${closeLabel(e.code)}.`);
+    $('reconnect').hidden = false;
+    S.timer = setTimeout(connect, wait);
+    renderComposer();
   };
 }
 
-async function pollStats() {
-  try {
-    const s = await (await fetch('/api/stats')).json();
-    $('backend').textContent = s.backend;
-    const r = (s.rooms || []).find((x) => x.room === state.current);
-    const dl = $('roomstats');
-    dl.replaceChildren();
-    const row = (k, v) => dl.append(el('dt', '', k), el('dd', '', String(v)));
-    row('connections (this instance)', s.connections);
-    if (r) {
-      row('messages', r.messages);
-      row('last minute', r.per_min);
-      row('active users (5 min)', r.active_users);
-      row('top talkers', (r.top_talkers || []).map((t) => `${t.user} (${t.messages})`).join(', ') || '–');
-      row('flagged', (r.flagged || []).join(', ') || '–');
-    }
-  } catch { /* offline: keep the last numbers */ }
+// ---- rendering
+
+function renderTabs() {
+  $('tabs').replaceChildren(...[...S.rooms.values()].map((r) => {
+    const on = r.name === S.current;
+    return el('button', 'tab', r.name, { type: 'button', role: 'tab', id: `tab-${r.name}`,
+      'data-testid': `tab-${r.name}`, 'data-room': r.name, 'aria-controls': r.list.id,
+      'aria-selected': String(on), tabindex: on ? '0' : '-1' }); // roving tabindex
+  }));
 }
 
-function start() {
-  state.user = $('name').value.trim();
-  if (!state.user) return;
-  localStorage.setItem('user', state.user);
-  $('login').hidden = true;
-  $('chat').hidden = false;
-  for (const r of JSON.parse(localStorage.getItem('rooms') || '[]')) room(r);
-  state.current = state.rooms.keys().next().value || null;
-  renderTabs();
-  connect();
-  if (state.current) select(state.current);
-  $('room').focus();
+function renderMembers() {
+  const r = S.rooms.get(S.current);
+  const names = [...(r?.members ?? [])].sort((a, b) => a.localeCompare(b));
+  $('members').replaceChildren(...names.map((n) => el('li', n === S.user ? 'me' : '', n)));
+  $('members-count').textContent = r ? `(${names.length})` : '';
+  $('room-count').textContent = r ? `${names.length} online` : '';
 }
-$('login').onsubmit = (e) => {
-  e.preventDefault();
-  start();
-};
-$('join').onsubmit = (e) => {
-  e.preventDefault();
-  const name = $('room').value.trim();
-  join(name);
+
+function renderComposer() {
+  const ta = $('composer-text');
+  ta.disabled = sendButton.disabled = !S.current;
+  ta.placeholder = !S.current ? 'Join a room to chat'
+    : S.ws?.readyState === WebSocket.OPEN ? `Message ${S.current}` : 'Offline: reconnecting…';
+}
+
+function renderRoom() {
+  const r = S.rooms.get(S.current);
+  for (const x of S.rooms.values()) x.list.hidden = x !== r;
+  $('roombar').hidden = !r;
+  $('empty').hidden = !!r;
+  $('room-title').textContent = r?.name ?? '';
+  $('load-older').disabled = !r?.hasOlder;
+  $('load-older').textContent = r && !r.hasOlder ? 'No older messages' : 'Load older';
+  renderMembers();
+  renderComposer();
+  renderRoomStats();
+}
+
+function select(name) {
+  S.current = S.rooms.has(name) ? name : null;
+  const r = S.rooms.get(S.current);
+  localStorage.setItem('rooms', JSON.stringify([...S.rooms.keys()]));
+  if (r) localStorage.setItem('current', r.name);
+  renderTabs();
+  renderRoom();
+  if (r) r.list.scrollTop = r.list.scrollHeight;
+}
+
+function banner(text) {
+  $('banner').hidden = !text;
+  $('banner-text').textContent = text || '';
+}
+
+/** One latency sample: numbers via util.latencySummary plus a sparkline. */
+function sample(ms) {
+  S.samples.push(ms);
+  if (S.samples.length > 200) S.samples.shift();
+  const s = latencySummary(S.samples);
+  $('lat-last').textContent = fmtMs(s.last);
+  $('lat-avg').textContent = fmtMs(s.avg);
+  $('lat-p95').textContent = fmtMs(s.p95);
+  $('lat-n').textContent = `${s.n} sample${s.n === 1 ? '' : 's'}`;
+  const pts = S.samples.slice(-50);
+  if (pts.length === 1) pts.push(pts[0]); // a lone sample still draws a line
+  const max = Math.max(...pts, 1);
+  const line = document.createElementNS('http://www.w3.org/2000/svg', 'polyline');
+  line.setAttribute('points', pts.map((v, i) =>
+    `${((i * 100) / (pts.length - 1)).toFixed(1)},${(23 - (v / max) * 22).toFixed(1)}`).join(' '));
+  $('spark').replaceChildren(line);
+}
+
+function kv(dl, rows) {
+  dl.replaceChildren(...rows.flatMap(([k, v]) => [el('dt', '', k), el('dd', '', v ?? '–')]));
+}
+
+function renderRoomStats() {
+  $('stats-room').textContent = S.current ?? '';
+  const r = S.stats?.rooms?.find((x) => x.room === S.current);
+  kv($('roomstats'), !S.current || !S.stats ? [] : !r ? [['messages', 'none stored yet']] : [
+    ['messages', r.messages],
+    ['last minute', r.per_min],
+    ['active (5 min)', r.active_users],
+    ['top talkers', (r.top_talkers ?? []).map((t) => `${t.user} (${t.messages})`).join(', ') || '–'],
+    ['flagged', (r.flagged ?? []).join(', ') || '–'],
+  ]);
+}
+
+/** Live numbers from the server every ~2 s (not while the tab is hidden). */
+async function pollStats() {
+  if (document.hidden && S.stats) return;
+  try {
+    const res = await fetch('/api/stats', { cache: 'no-store' });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const s = (S.stats = await res.json());
+    $('backend').textContent = s.backend;
+    kv($('serverstats'), [['instance', s.instance], ['database', s.db],
+      ['connections', s.connections], ['local rooms', s.local_rooms]]);
+    $('caps').replaceChildren(...Object.entries(s.capabilities ?? {}).map(([k, v]) =>
+      el('li', `chip ${v ? 'yes' : 'no'}`, k.replace(/_/g, ' '), { title: v ? 'supported' : 'not supported' })));
+    const names = new Set([...(s.rooms ?? []).map((x) => x.room), ...S.rooms.keys()]);
+    $('room-suggestions').replaceChildren(...[...names].sort().map((n) => el('option', '', null, { value: n })));
+    renderRoomStats();
+    $('stats-updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (e) {
+    $('stats-updated').textContent = `stats unavailable (${e.message})`;
+  }
+}
+
+/** Fetches the page of history before the oldest message shown. */
+async function loadOlder() {
+  const r = S.rooms.get(S.current);
+  if (!r) return;
+  $('load-older').disabled = true;
+  const oldest = r.list.querySelector('li[data-id]')?.dataset.id;
+  try {
+    const q = `limit=50${oldest ? `&before=${encodeURIComponent(oldest)}` : ''}`;
+    const res = await fetch(`/api/rooms/${encodeURIComponent(r.name)}/messages?${q}`);
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const { messages = [] } = await res.json();
+    const fromBottom = r.list.scrollHeight - r.list.scrollTop;
+    for (const m of messages) if (!r.ids.has(m.id)) draw(r, m);
+    r.list.scrollTop = r.list.scrollHeight - fromBottom; // keep the reader's place
+    r.hasOlder = messages.length === 50;
+  } catch (e) {
+    banner(`Could not load older messages: ${e.message}`);
+  }
+  if (r.name === S.current) renderRoom();
+}
+
+// ---- session
+
+function join(name) {
+  const known = S.rooms.has(name);
+  const r = roomState(name);
+  if (!known && S.ws?.readyState === WebSocket.OPEN) sendJoin(r); // else: joined on open
   select(name);
-  $('room').value = '';
-  $('text').focus();
-};
-$('composer').onsubmit = (e) => {
+}
+
+function removeRoom(name) {
+  const r = S.rooms.get(name);
+  if (!r) return;
+  if (r.joined) wsSend({ type: 'leave', room: name });
+  r.list.remove();
+  S.rooms.delete(name);
+  for (const [cid, p] of S.pending) if (p.room === name) S.pending.delete(cid);
+  select(S.current === name ? [...S.rooms.keys()][0] : S.current);
+}
+
+/** The `sub` claim of a JWT, for display and own-message detection only
+ * (the server verifies the token and takes the name from it). */
+function tokenUser(token) {
+  try {
+    return JSON.parse(atob(token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).sub || null;
+  } catch { return null; }
+}
+
+function start(user, rooms, current) {
+  S.user = user;
+  localStorage.setItem('user', user);
+  document.body.classList.replace('logged-out', 'logged-in');
+  $('login-view').hidden = true;
+  $('chat-view').hidden = false;
+  $('me').hidden = $('logout').hidden = false;
+  $('me').textContent = user;
+  for (const n of rooms) if (parseRoom(n).room === n) roomState(n);
+  select(S.rooms.has(current) ? current : [...S.rooms.keys()][0]);
+  connect();
+  (S.current ? $('composer-text') : $('room')).focus();
+}
+
+/** Shows a field's error (or clears it); returns whether the field is fine. */
+function fieldOk(input, errorEl, msg) {
+  errorEl.textContent = msg || '';
+  if (msg) input.setAttribute('aria-invalid', 'true');
+  else input.removeAttribute('aria-invalid');
+  if (msg) input.focus();
+  return !msg;
+}
+
+// ---- wiring
+
+$('login').addEventListener('submit', (e) => {
   e.preventDefault();
-  sendText($('text').value);
-  $('text').value = '';
-};
-$('name').value = state.user;
+  const n = S.token ? { name: tokenUser(S.token) || $('name').value.trim() } : parseName($('name').value);
+  const r = parseRoom($('login-room').value);
+  if (fieldOk($('name'), $('login-error'), n.error) && fieldOk($('login-room'), $('login-error'), r.error)) {
+    start(n.name, [r.room], r.room);
+  }
+});
+$('join').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const r = parseRoom($('room').value);
+  if (!fieldOk($('room'), $('room-error'), r.error)) return;
+  $('room').value = '';
+  join(r.room);
+  $('composer-text').focus();
+});
+$('composer').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const ta = $('composer-text');
+  if (!S.current || !ta.value.trim()) return;
+  post(S.current, ta.value);
+  ta.value = '';
+  ta.style.height = '';
+});
+$('composer-text').addEventListener('keydown', (e) => {
+  // Enter sends, Shift+Enter is a new line; never while an IME is composing.
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $('composer').requestSubmit();
+  }
+});
+$('composer-text').addEventListener('input', (e) => { // grow with the text, up to a limit
+  e.target.style.height = '';
+  e.target.style.height = `${Math.min(e.target.scrollHeight, 160)}px`;
+});
+$('tabs').addEventListener('click', (e) => {
+  const b = e.target.closest('[role=tab]');
+  if (b) select(b.dataset.room);
+});
+$('tabs').addEventListener('keydown', (e) => { // arrow keys move between tabs (WAI-ARIA tabs)
+  const names = [...S.rooms.keys()];
+  const i = names.indexOf(S.current);
+  const next = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: names.length - 1 }[e.key];
+  if (next === undefined || !names.length) return;
+  e.preventDefault();
+  select(names[(next + names.length) % names.length]);
+  $(`tab-${S.current}`)?.focus();
+});
+$('leave').addEventListener('click', () => removeRoom(S.current));
+$('load-older').addEventListener('click', loadOlder);
+$('banner-close').addEventListener('click', () => banner(''));
+$('reconnect').addEventListener('click', () => { if (!S.ws) { S.attempt = 0; connect(); } });
+$('logout').addEventListener('click', () => {
+  // Forget the session and start from a clean page: simplest way to reset everything.
+  for (const k of ['user', 'rooms', 'current', 'token']) localStorage.removeItem(k);
+  location.reload();
+});
+$('toggle-side').addEventListener('click', () => {
+  $('toggle-side').setAttribute('aria-expanded', String(document.body.classList.toggle('side-open')));
+});
+// Back online after a network drop: do not wait for the backoff timer.
+window.addEventListener('online', () => { if (S.user && !S.ws) connect(); });
+
+// A token in the URL fragment wins; keep it for reloads and drop it from the
+// address bar so it does not end up in screenshots or shared links.
+const hashToken = new URLSearchParams(location.hash.slice(1)).get('token');
+if (hashToken) {
+  localStorage.setItem('token', (S.token = hashToken));
+  history.replaceState(null, '', location.pathname + location.search);
+}
+const tokenName = S.token && tokenUser(S.token);
+$('name').value = tokenName || localStorage.getItem('user') || '';
+$('name').readOnly = !!tokenName;
+
 // A reload resumes the session: same name, same rooms, history from the server.
-if (state.user && localStorage.getItem('rooms')) start();
+let savedRooms = null;
+try { savedRooms = JSON.parse(localStorage.getItem('rooms')); } catch { /* start fresh */ }
+const savedUser = tokenName || localStorage.getItem('user');
+if (savedUser && Array.isArray(savedRooms)) {
+  start(savedUser, savedRooms, localStorage.getItem('current'));
+} else {
+  $('name').focus();
+}
 pollStats();
-setInterval(pollStats, 3000);
+setInterval(pollStats, 2000);

@@ -14,8 +14,9 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::rooms::{ConnId, Frame};
+use super::rooms::{ConnId, EnterError, Frame};
 use crate::app::AppState;
+use crate::auth::{ConnSlot, RoomPolicy};
 use crate::bus::{Outgoing, Priority};
 use crate::protocol::{
     BusEvent, ClientFrame, ErrorCode, PresenceEvent, RoomId, ServerFrame, decode_client_frame,
@@ -36,6 +37,7 @@ struct Conn {
     tx: mpsc::Sender<Frame>,
     kick: CancellationToken,
     joined: HashMap<RoomId, ()>,
+    rooms_allowed: RoomPolicy,
     state: AppState,
 }
 
@@ -88,9 +90,19 @@ impl Conn {
             // register twice.
             self.leave_inner(&room).await;
         }
-        if self.joined.len() >= limits.max_rooms_per_conn {
+        if !self.rooms_allowed.allows(&room) {
+            metrics::counter!("ws_limit_breaches_total", "limit" => "forbidden_room").increment(1);
             self.error(
-                ErrorCode::BadFrame,
+                ErrorCode::Forbidden,
+                &format!("your token does not allow room {room}"),
+                None,
+            );
+            return;
+        }
+        if self.joined.len() >= limits.max_rooms_per_conn {
+            metrics::counter!("ws_limit_breaches_total", "limit" => "rooms_per_conn").increment(1);
+            self.error(
+                ErrorCode::TooManyRooms,
                 &format!("at most {} rooms per connection", limits.max_rooms_per_conn),
                 None,
             );
@@ -105,11 +117,22 @@ impl Conn {
                 self.user.clone(),
                 self.tx.clone(),
                 self.kick.clone(),
+                limits.max_members_per_room,
             )
             .await
         {
             Ok(t) => t,
-            Err(e) => {
+            Err(EnterError::Full(n)) => {
+                metrics::counter!("ws_limit_breaches_total", "limit" => "members_per_room")
+                    .increment(1);
+                self.error(
+                    ErrorCode::RoomFull,
+                    &format!("room {room} is full ({n} members)"),
+                    None,
+                );
+                return;
+            }
+            Err(EnterError::Bus(e)) => {
                 self.error(
                     ErrorCode::BusUnavailable,
                     &format!("cannot join: {e}"),
@@ -240,9 +263,16 @@ impl Conn {
 
 /// Serves one upgraded socket until the client leaves, is kicked, or the
 /// server shuts down.
-pub async fn serve(socket: WebSocket, user: Result<String, String>, state: AppState) {
+pub async fn serve(
+    socket: WebSocket,
+    user: Result<(String, RoomPolicy), String>,
+    state: AppState,
+    slot: ConnSlot,
+) {
+    // Held for the life of the connection: frees the per-IP slot on return.
+    let _slot = slot;
     let (mut sink, mut stream) = socket.split();
-    let user = match user {
+    let (user, rooms_allowed) = match user {
         Ok(u) => u,
         Err(reason) => {
             let _ = sink
@@ -312,6 +342,7 @@ pub async fn serve(socket: WebSocket, user: Result<String, String>, state: AppSt
         tx,
         kick: kick.clone(),
         joined: HashMap::new(),
+        rooms_allowed,
         state: state.clone(),
     };
     let per_sec = NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);

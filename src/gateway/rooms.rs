@@ -60,6 +60,15 @@ pub struct Rooms {
     instance: String,
 }
 
+/// Why a join was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    #[error("the room is full ({0} members on this instance)")]
+    Full(usize),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
 /// What a join got: the recent ring snapshot (for recovery).
 pub struct JoinTicket {
     pub recent: Vec<Frame>,
@@ -108,9 +117,13 @@ impl Rooms {
         user: Arc<str>,
         tx: mpsc::Sender<Frame>,
         kick: CancellationToken,
-    ) -> Result<JoinTicket, BusError> {
+        max_members: usize,
+    ) -> Result<JoinTicket, EnterError> {
         let (first, recent) = {
             let mut r = self.rooms.entry(room.clone()).or_default();
+            if max_members > 0 && r.local.len() >= max_members {
+                return Err(EnterError::Full(max_members));
+            }
             let first = r.local.is_empty();
             r.local.insert(
                 conn,
@@ -128,7 +141,7 @@ impl Rooms {
             && let Err(e) = i.add_room(room).await
         {
             self.remove(room, conn).await;
-            return Err(e);
+            return Err(e.into());
         }
         Ok(JoinTicket {
             recent,

@@ -177,6 +177,10 @@ impl Client {
         Client { ws, cid: 0 }
     }
 
+    pub fn from_ws(ws: Ws) -> Client {
+        Client { ws, cid: 0 }
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.ws
             .send(Message::Text(v.to_string().into()))
