@@ -52,6 +52,18 @@ async fn two_instances_act_as_one_on_kafka() {
     .await;
 }
 
+#[tokio::test]
+async fn gateway_crash_clients_resume_on_the_other_on_kafka() {
+    let topic = common::conformance::uniq("crash-");
+    let db = pg_db().await;
+    common::multi::gateway_crash_clients_resume_on_the_other(
+        bus(kafka(&topic)).await,
+        bus(kafka(&topic)).await,
+        &db,
+    )
+    .await;
+}
+
 async fn count(store: &chat_relay::store::Store, room: &RoomId) -> i64 {
     store.count_messages(Some(room)).await.unwrap()
 }

@@ -48,6 +48,18 @@ async fn two_instances_act_as_one_on_rabbitmq() {
         .await;
 }
 
+#[tokio::test]
+async fn gateway_crash_clients_resume_on_the_other_on_rabbitmq() {
+    let tag = common::conformance::uniq("c");
+    let db = pg_db().await;
+    common::multi::gateway_crash_clients_resume_on_the_other(
+        bus(rabbit(&tag)).await,
+        bus(rabbit(&tag)).await,
+        &db,
+    )
+    .await;
+}
+
 /// Persistence stopped while N messages are sent, restarted: all N are in the
 /// DB exactly once — the durable queue kept them.
 #[tokio::test]

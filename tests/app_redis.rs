@@ -45,6 +45,17 @@ async fn two_instances_act_as_one_on_redis() {
     common::multi::two_instances_act_as_one(bus_at(&url()).await, bus_at(&url()).await, &db).await;
 }
 
+#[tokio::test]
+async fn gateway_crash_clients_resume_on_the_other_on_redis() {
+    let db = pg_db().await;
+    common::multi::gateway_crash_clients_resume_on_the_other(
+        bus_at(&url()).await,
+        bus_at(&url()).await,
+        &db,
+    )
+    .await;
+}
+
 async fn send(c: &mut Client, room: &str, label: &str) {
     for i in 0..5 {
         c.say(room, &format!("{label}{i}")).await;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chat_relay::bus::MessageBus;
 use chat_relay::bus::memory::MemoryBus;
 use common::app::sqlite_db;
-use common::multi::two_instances_act_as_one;
+use common::multi::{gateway_crash_clients_resume_on_the_other, two_instances_act_as_one};
 
 #[tokio::test]
 async fn memory_two_applications_on_one_in_process_bus() {
@@ -15,4 +15,11 @@ async fn memory_two_applications_on_one_in_process_bus() {
     let bus: Arc<dyn MessageBus> = Arc::new(MemoryBus::new(Default::default()));
     let (_d, db) = sqlite_db();
     two_instances_act_as_one(bus.clone(), bus, &db).await;
+}
+
+#[tokio::test]
+async fn memory_gateway_crash_clients_resume_on_the_other() {
+    let bus: Arc<dyn MessageBus> = Arc::new(MemoryBus::new(Default::default()));
+    let (_d, db) = sqlite_db();
+    gateway_crash_clients_resume_on_the_other(bus.clone(), bus, &db).await;
 }
