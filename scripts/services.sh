@@ -66,11 +66,17 @@ log "RabbitMQ ok"
 
 # --- tansu (Kafka protocol) ---------------------------------------------------
 export PATH="$HOME/.cargo/bin:$PATH"
+# dynostore: memory storage for the shared broker; libsql: SQLite storage for
+# the tests that kill and restart a private broker (its log must survive).
+TANSU_FEATURES=dynostore,libsql
+marker="$HOME/.cargo/bin/.tansu-features"
+if ! command -v tansu >/dev/null || [ "$(cat "$marker" 2>/dev/null)" != "$TANSU_FEATURES" ]; then
+  log "installing tansu 0.6.0 ($TANSU_FEATURES) from crates.io (about 15 minutes on 2 cores)"
+  cargo install tansu@0.6.0 --locked --force --features "$TANSU_FEATURES" --quiet \
+    || die "cargo install tansu failed"
+  echo "$TANSU_FEATURES" >"$marker"
+fi
 if ! port_open 9092; then
-  if ! command -v tansu >/dev/null; then
-    log "installing tansu 0.6.0 from crates.io (about 11-15 minutes on 2 cores)"
-    cargo install tansu@0.6.0 --locked --features dynostore --quiet || die "cargo install tansu failed"
-  fi
   log "starting tansu on 127.0.0.1:9092 (memory storage)"
   mkdir -p target
   nohup tansu broker --listener-url tcp://127.0.0.1:9092 \

@@ -5,3 +5,4 @@ pub mod app;
 pub mod conformance;
 pub mod multi;
 pub mod redis_server;
+pub mod tansu_server;

@@ -1,0 +1,83 @@
+//! A private tansu (Kafka-protocol broker) on a free port with SQLite storage,
+//! for tests that kill and restart the broker: unlike the shared broker's
+//! memory storage, the SQLite file keeps topics, the log and committed
+//! offsets across the restart, as a real Kafka broker's disk does.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+pub struct TansuServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl TansuServer {
+    pub async fn start() -> TansuServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut s = TansuServer {
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+            format!("{home}/.cargo/bin/tansu")
+        });
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let storage = format!("sqlite://{}/tansu.db", self.dir.path().display());
+        let log = std::fs::File::create(self.dir.path().join("tansu.log")).expect("log");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &storage,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (run scripts/services.sh): {e}"));
+        self.child = Some(child);
+        for _ in 0..150 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
+        panic!(
+            "tansu with SQLite storage did not listen on {}: {log}",
+            self.port
+        );
+    }
+
+    /// SIGKILL: no clean shutdown, as in a crash.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+            let _ = c.wait().await;
+        }
+    }
+}
