@@ -188,6 +188,7 @@ async fn history(
     State(state): State<AppState>,
     Path(room): Path<String>,
     Query(p): Query<HistoryParams>,
+    headers: HeaderMap,
 ) -> Response {
     let Some(room) = RoomId::parse(&room) else {
         return error(
@@ -196,6 +197,18 @@ async fn history(
             "room must be chat.<name> or ai.<name>",
         );
     };
+    // With auth on, reading a room needs a token that may join it.
+    match state.auth.verify(auth::token_from(&headers, None)) {
+        Ok(Some(id)) if !id.rooms.allows(&room) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!("your token does not allow room {room}"),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+    }
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return error(
@@ -229,10 +242,18 @@ async fn history(
     }
 }
 
-async fn stats(State(state): State<AppState>) -> Response {
+async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    // With auth on: a valid token, and only the rooms it may join.
+    let policy = match state.auth.verify(auth::token_from(&headers, None)) {
+        Ok(Some(id)) => id.rooms,
+        Ok(None) => RoomPolicy::any(),
+        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+    };
     let now = chrono::Utc::now().timestamp_millis();
     match state.store.stats(now, 100).await {
-        Ok(rooms) => Json(json!({
+        Ok(mut rooms) => {
+            rooms.retain(|r| RoomId::parse(&r.room).is_some_and(|id| policy.allows(&id)));
+            Json(json!({
             "backend": state.bus.backend(),
             "instance": state.instance,
             "db": state.store.kind(),
@@ -240,8 +261,9 @@ async fn stats(State(state): State<AppState>) -> Response {
             "connections": state.connections.load(Ordering::Relaxed),
             "local_rooms": state.rooms.local_rooms(),
             "rooms": rooms,
-        }))
-        .into_response(),
+            }))
+            .into_response()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "stats query failed");
             error(

@@ -363,7 +363,8 @@ function renderRoomStats() {
 async function pollStats() {
   if (document.hidden && S.stats) return;
   try {
-    const res = await fetch('/api/stats', { cache: 'no-store' });
+    const headers = S.token ? { Authorization: `Bearer ${S.token}` } : {};
+    const res = await fetch('/api/stats', { cache: 'no-store', headers });
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const s = (S.stats = await res.json());
     $('backend').textContent = s.backend;
@@ -388,7 +389,9 @@ async function loadOlder() {
   const oldest = r.list.querySelector('li[data-id]')?.dataset.id;
   try {
     const q = `limit=50${oldest ? `&before=${encodeURIComponent(oldest)}` : ''}`;
-    const res = await fetch(`/api/rooms/${encodeURIComponent(r.name)}/messages?${q}`);
+    // With auth on, history needs the same token as the socket (header, not URL).
+    const headers = S.token ? { Authorization: `Bearer ${S.token}` } : {};
+    const res = await fetch(`/api/rooms/${encodeURIComponent(r.name)}/messages?${q}`, { headers });
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     const { messages = [] } = await res.json();
     const fromBottom = r.list.scrollHeight - r.list.scrollTop;

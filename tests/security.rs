@@ -154,6 +154,10 @@ async fn hs256_tokens_decide_who_you_are_and_where_you_may_go() {
     )
     .await;
     assert_eq!(s, 202, "{v}");
+    let (s, v) = get_with(&url, &alice).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = common::app::http_get(&app.http("/api/stats")).await;
+    assert_eq!(s, 401, "stats without a token");
     let (s, v) = post(
         &app.http("/api/rooms/ai.other/messages"),
         Some(&alice),
@@ -161,6 +165,11 @@ async fn hs256_tokens_decide_who_you_are_and_where_you_may_go() {
     )
     .await;
     assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")));
+    // History is read with the token too.
+    let (s, _) = common::app::http_get(&url).await;
+    assert_eq!(s, 401, "history without a token");
+    let (s, _) = get_with(&app.http("/api/rooms/ai.other/messages"), &alice).await;
+    assert_eq!(s, 403, "history of a room the token does not allow");
     common::app::eventually(Duration::from_secs(10), "POSTed message stored", || {
         let store = app.store.clone();
         async move {
@@ -176,7 +185,16 @@ async fn hs256_tokens_decide_who_you_are_and_where_you_may_go() {
     app.stop().await;
 }
 
+async fn get_with(url: &str, token: &str) -> (u16, Value) {
+    request("GET", url, Some(token), None).await
+}
+
 async fn post(url: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    request("POST", url, token, Some(body)).await
+}
+
+async fn request(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let body = body.unwrap_or("");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("http url");
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -185,7 +203,7 @@ async fn post(url: &str, token: Option<&str>, body: &str) -> (u16, Value) {
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.expect("write");
