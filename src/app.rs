@@ -201,6 +201,15 @@ impl Application {
         let bus = state.bus.clone();
         let store = state.store.clone();
         let router = http::router(state);
+        // TCP_NODELAY: chat frames are small and latency-bound. With Nagle on,
+        // a frame written while the previous one is unacknowledged waits for
+        // the peer's (possibly delayed, up to 40 ms) ACK.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
             prefix.clone(),
         );
         subs.push(tokio::spawn(async move {
-            let (mut ws, _) = match tokio_tungstenite::connect_async(&url).await {
+            let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("subscriber connect failed: {e}");
@@ -199,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let seconds = args.seconds;
         pubs.push(tokio::spawn(async move {
-            let (ws, _) = match tokio_tungstenite::connect_async(&url).await {
+            let (ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("publisher connect failed: {e}");
