@@ -23,6 +23,11 @@ async fn broker_killed_and_restarted_under_the_relay() {
     cfg.bus.kafka.kafka_brokers = broker.brokers();
     cfg.bus.kafka.kafka_topic = common::conformance::uniq("restart-");
     cfg.bus.kafka.kafka_partitions = 3;
+    // tansu 0.6's SQLite engine panics ("more or less than one row") when an
+    // idempotent producer it knew before a crash produces again, and its
+    // storage task stays dead. Real Kafka fences or accepts the producer; the
+    // gap is tansu's, so only this test turns idempotence off.
+    cfg.bus.kafka.kafka_idempotence = false;
     cfg.limits.publish_timeout_ms = 3000;
     let tag = common::conformance::uniq("r");
     cfg.persist.group = format!("db-writer-{tag}");

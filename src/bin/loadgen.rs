@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -58,6 +58,26 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// The parts of a server frame the subscribers look at.
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    /// Escaped JSON inside JSON: borrowed when it has no escapes, owned otherwise.
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A load-generator message body: run prefix, publisher, sequence, send time (µs).
+#[derive(serde::Deserialize)]
+struct Body<'a> {
+    #[serde(borrow)]
+    r: std::borrow::Cow<'a, str>,
+    p: u64,
+    s: u64,
+    t: u64,
+}
+
 #[derive(Default)]
 struct SubStats {
     received: u64,
@@ -94,13 +114,14 @@ async fn main() -> anyhow::Result<()> {
             prefix.clone(),
         );
         subs.push(tokio::spawn(async move {
-            let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("subscriber connect failed: {e}");
-                    return;
-                }
-            };
+            let (mut ws, _) =
+                match tokio_tungstenite::connect_async_with_config(&url, None, true).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("subscriber connect failed: {e}");
+                        return;
+                    }
+                };
             let _ = ws
                 .send(Message::Text(
                     json!({"type":"join","room":room}).to_string().into(),
@@ -116,29 +137,27 @@ async fn main() -> anyhow::Result<()> {
                     Ok(Some(Ok(_))) => continue,
                     _ => break,
                 };
-                let v: Value = match serde_json::from_str(m.as_str()) {
+                // Typed, borrowed parsing: the generator must stay cheaper
+                // than the relay it measures.
+                let v: Frame = match serde_json::from_str(m.as_str()) {
                     Ok(v) => v,
                     Err(_) => continue,
                 };
-                match v["type"].as_str() {
-                    Some("joined") => {
+                match v.kind {
+                    "joined" => {
                         joined.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some("message") => {
-                        let Some(text) = v["text"].as_str() else {
+                    "message" => {
+                        let Some(text) = v.text else {
                             continue;
                         };
-                        let Ok(b) = serde_json::from_str::<Value>(text) else {
+                        let Ok(b) = serde_json::from_str::<Body>(&text) else {
                             continue;
                         };
-                        if b["r"].as_str() != Some(prefix.as_str()) {
+                        if b.r != prefix.as_str() {
                             continue;
                         }
-                        let (p, s, t) = (
-                            b["p"].as_u64().unwrap_or(0),
-                            b["s"].as_u64().unwrap_or(0),
-                            b["t"].as_u64().unwrap_or(0),
-                        );
+                        let (p, s, t) = (b.p, b.s, b.t);
                         let _ = local.record(now_us().saturating_sub(t).max(1));
                         st.received += 1;
                         if !seen.entry(p).or_default().insert(s) {
@@ -199,7 +218,8 @@ async fn main() -> anyhow::Result<()> {
         );
         let seconds = args.seconds;
         pubs.push(tokio::spawn(async move {
-            let (ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await {
+            let (ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("publisher connect failed: {e}");

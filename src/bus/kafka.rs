@@ -90,6 +90,11 @@ pub struct KafkaConfig {
     /// Backoff before the first publish retry (ms), doubled each time.
     #[arg(long, env = "KAFKA_PUBLISH_BACKOFF_MS", default_value_t = 100)]
     pub kafka_publish_backoff_ms: u64,
+    /// `enable.idempotence` of the producer: no duplicates or reordering from
+    /// producer retries. Keep it on; the broker-restart test turns it off only
+    /// because tansu's SQLite engine panics on a known producer id after a crash.
+    #[arg(long, env = "KAFKA_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kafka_idempotence: bool,
     /// `message.timeout.ms`: longest the producer tries to deliver one message.
     #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 1500)]
     pub kafka_message_timeout_ms: u32,
@@ -111,6 +116,7 @@ impl Default for KafkaConfig {
             kafka_publish_retries: 2,
             kafka_publish_backoff_ms: 100,
             kafka_message_timeout_ms: 1500,
+            kafka_idempotence: true,
         }
     }
 }
@@ -161,16 +167,17 @@ pub async fn ensure_topic(cfg: &KafkaConfig) -> Result<(), BusError> {
 
 pub struct KafkaBus {
     cfg: KafkaConfig,
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error: an idempotent producer
+    /// whose producer id/sequence state the broker no longer accepts (e.g. a
+    /// broker that lost it in a crash) cannot recover and must be recreated.
+    producer: std::sync::RwLock<FutureProducer>,
     closed: CancellationToken,
 }
 
-impl KafkaBus {
-    pub async fn connect(cfg: KafkaConfig) -> Result<KafkaBus, BusError> {
-        ensure_topic(&cfg).await?;
-        let producer: FutureProducer = base_config(&cfg)
+fn make_producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    base_config(cfg)
             .set("acks", "all")
-            .set("enable.idempotence", "true")
+            .set("enable.idempotence", cfg.kafka_idempotence.to_string())
             .set("linger.ms", cfg.kafka_linger_ms.to_string())
             .set("batch.size", cfg.kafka_batch_size.to_string())
             .set("compression.type", &cfg.kafka_compression)
@@ -179,12 +186,49 @@ impl KafkaBus {
                 cfg.kafka_message_timeout_ms.to_string(),
             )
             .create()
-            .map_err(|e| BusError::Config(e.to_string()))?;
+            .map_err(|e| BusError::Config(e.to_string()))
+}
+
+impl KafkaBus {
+    pub async fn connect(cfg: KafkaConfig) -> Result<KafkaBus, BusError> {
+        ensure_topic(&cfg).await?;
+        let producer = make_producer(&cfg)?;
         Ok(KafkaBus {
             cfg,
-            producer,
+            producer: std::sync::RwLock::new(producer),
             closed: CancellationToken::new(),
         })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        // A poisoned lock still holds a usable producer.
+        match self.producer.read() {
+            Ok(p) => p.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+
+    /// Recreates the producer if `failed` (the one that just failed) hit a
+    /// fatal error and has not been replaced yet.
+    fn replace_if_fatal(&self, failed: &FutureProducer) {
+        let Some((code, reason)) = failed.client().fatal_error() else {
+            return;
+        };
+        let mut guard = match self.producer.write() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        if !std::ptr::eq(guard.client().native_ptr(), failed.client().native_ptr()) {
+            return; // another publisher already replaced it
+        }
+        match make_producer(&self.cfg) {
+            Ok(p) => {
+                tracing::warn!(?code, %reason, "kafka: producer hit a fatal error; recreated it");
+                metrics::counter!("bus_reconnects_total", "backend" => "kafka").increment(1);
+                *guard = p;
+            }
+            Err(e) => tracing::warn!(error = %e, "kafka: cannot recreate the producer"),
+        }
     }
 }
 
@@ -328,9 +372,11 @@ impl MessageBus for KafkaBus {
             let rec = FutureRecord::to(&self.cfg.kafka_topic)
                 .key(msg.room.as_str())
                 .payload(&msg.payload[..]);
-            match self.producer.send(rec, Duration::from_millis(200)).await {
+            let producer = self.producer();
+            match producer.send(rec, Duration::from_millis(200)).await {
                 Ok(_) => return Ok(()),
                 Err((e, _)) => {
+                    self.replace_if_fatal(&producer);
                     metrics::counter!("publish_retries_total", "backend" => "kafka").increment(1);
                     if attempt >= self.cfg.kafka_publish_retries {
                         return Err(unavailable(e));
@@ -447,7 +493,7 @@ impl MessageBus for KafkaBus {
     }
 
     async fn ready(&self) -> Result<(), BusError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let topic = self.cfg.kafka_topic.clone();
         // fetch_metadata blocks: keep it off the async workers.
         tokio::task::spawn_blocking(move || {
@@ -472,7 +518,7 @@ impl MessageBus for KafkaBus {
 
     async fn close(&self) {
         self.closed.cancel();
-        let p = self.producer.clone();
+        let p = self.producer();
         let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(5))).await;
     }
 

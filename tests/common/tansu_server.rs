@@ -39,7 +39,8 @@ impl TansuServer {
             format!("{home}/.cargo/bin/tansu")
         });
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let storage = format!("sqlite://{}/tansu.db", self.dir.path().display());
+        // Four slashes: tansu drops the URL's leading "/" from the path.
+        let storage = format!("sqlite:///{}/tansu.db", self.dir.path().display());
         let log = std::fs::File::create(self.dir.path().join("tansu.log")).expect("log");
         let child = Command::new(&bin)
             .args([
