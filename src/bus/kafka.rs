@@ -90,6 +90,10 @@ pub struct KafkaConfig {
     /// Backoff before the first publish retry (ms), doubled each time.
     #[arg(long, env = "KAFKA_PUBLISH_BACKOFF_MS", default_value_t = 100)]
     pub kafka_publish_backoff_ms: u64,
+    /// Consumer `max.poll.interval.ms`, which is also the rebalance timeout: a
+    /// group waits this long for a member that stopped polling.
+    #[arg(long, env = "KAFKA_MAX_POLL_INTERVAL_MS", default_value_t = 30_000)]
+    pub kafka_max_poll_interval_ms: u32,
     /// `enable.idempotence` of the producer: no duplicates or reordering from
     /// producer retries. Keep it on; the broker-restart test turns it off only
     /// because tansu's SQLite engine panics on a known producer id after a crash.
@@ -117,6 +121,7 @@ impl Default for KafkaConfig {
             kafka_publish_backoff_ms: 100,
             kafka_message_timeout_ms: 1500,
             kafka_idempotence: true,
+            kafka_max_poll_interval_ms: 30_000,
         }
     }
 }
@@ -292,6 +297,14 @@ fn consumer_for(cfg: &KafkaConfig, opts: &SubscribeOptions) -> Result<Arc<Cons>,
         .set("fetch.wait.max.ms", cfg.kafka_fetch_wait_max_ms.to_string())
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        // Also the group's rebalance timeout: how long a rebalance waits for a
+        // member that stopped polling. The default 5 min means a worker killed
+        // mid-rebalance stalls its group that long (tansu waits it out even
+        // for members whose session expired).
+        .set(
+            "max.poll.interval.ms",
+            cfg.kafka_max_poll_interval_ms.to_string(),
+        )
         .create_with_context(Ctx {
             assigned: AtomicBool::new(false),
             notify: Notify::new(),
