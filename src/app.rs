@@ -200,13 +200,14 @@ impl Application {
         let shutdown = state.shutdown.clone();
         let bus = state.bus.clone();
         let store = state.store.clone();
+        let nodelay = state.cfg.tcp_nodelay;
         let router = http::router(state);
         // TCP_NODELAY: chat frames are small and latency-bound. With Nagle on,
         // a frame written while the previous one is unacknowledged waits for
         // the peer's (possibly delayed, up to 40 ms) ACK.
         use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
+        let listener = listener.tap_io(move |tcp| {
+            if let Err(e) = tcp.set_nodelay(nodelay) {
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });

@@ -60,6 +60,11 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://chat-relay.db")]
     pub database_url: String,
 
+    /// Set TCP_NODELAY on client sockets: frames leave at once instead of
+    /// waiting (Nagle) for the previous segment's ACK.
+    #[arg(long, env = "TCP_NODELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp_nodelay: bool,
+
     /// Directory served at `/` (the browser client).
     #[arg(long, env = "STATIC_DIR", default_value = "static")]
     pub static_dir: String,

@@ -297,9 +297,26 @@ pub async fn serve(
     state.connections.fetch_add(1, Ordering::Relaxed);
 
     // Writer: drains the queue, batching queued frames into one flush.
-    let writer_kick = kick.clone();
     let close_on_oversize = CancellationToken::new();
-    let oversize = close_on_oversize.clone();
+    // One token the writer waits on, cancelled by any reason to stop (server
+    // shutdown, slow client, oversized frame); the reason is read afterwards.
+    // Its `cancelled()` future is created once, not once per frame: the
+    // writer wakes for every delivery, and re-registering three waiters per
+    // wake showed up in profiles.
+    let stop = shutdown.child_token();
+    {
+        let (stop, kick, oversize) = (stop.clone(), kick.clone(), close_on_oversize.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = kick.cancelled() => {}
+                _ = oversize.cancelled() => {}
+                _ = stop.cancelled() => return,
+            }
+            stop.cancel();
+        });
+    }
+    let (writer_kick, oversize, writer_stop) =
+        (kick.clone(), close_on_oversize.clone(), stop.clone());
     let writer = tokio::spawn(async move {
         let close = |code: u16, reason: &'static str| {
             Message::Close(Some(CloseFrame {
@@ -307,23 +324,35 @@ pub async fn serve(
                 reason: reason.into(),
             }))
         };
+        let stopped = writer_stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    let _ = sink.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
-                    break;
-                }
-                _ = oversize.cancelled() => {
-                    let _ = sink.send(close(CLOSE_TOO_BIG, "frame too big")).await;
-                    break;
-                }
-                _ = writer_kick.cancelled() => {
-                    let _ = sink.send(close(CLOSE_TRY_AGAIN, "too slow: outbound queue full")).await;
+                _ = &mut stopped => {
+                    let frame = if oversize.is_cancelled() {
+                        close(CLOSE_TOO_BIG, "frame too big")
+                    } else if writer_kick.is_cancelled() {
+                        close(CLOSE_TRY_AGAIN, "too slow: outbound queue full")
+                    } else {
+                        close(CLOSE_GOING_AWAY, "server shutting down")
+                    };
+                    let _ = sink.send(frame).await;
                     break;
                 }
                 f = rx.recv() => {
-                    let Some(f) = f else { break };
+                    let Some(f) = f else {
+                        // The reader is done; it may have ended because of a
+                        // limit whose close frame is still owed.
+                        if oversize.is_cancelled() {
+                            let _ = sink.send(close(CLOSE_TOO_BIG, "frame too big")).await;
+                        } else if writer_kick.is_cancelled() {
+                            let _ = sink
+                                .send(close(CLOSE_TRY_AGAIN, "too slow: outbound queue full"))
+                                .await;
+                        }
+                        break;
+                    };
                     if sink.feed(Message::Text(f.text)).await.is_err() { break; }
                     let mut ok = true;
                     while let Ok(f) = rx.try_recv() {
@@ -349,10 +378,11 @@ pub async fn serve(
     let burst = NonZeroU32::new(limits.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
     let limiter = RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst));
 
+    let reader_stopped = stop.cancelled();
+    tokio::pin!(reader_stopped);
     loop {
         let msg = tokio::select! {
-            _ = kick.cancelled() => break,
-            _ = state.shutdown.cancelled() => break,
+            _ = &mut reader_stopped => break,
             m = stream.next() => m,
         };
         let msg = match msg {
@@ -402,6 +432,8 @@ pub async fn serve(
     drop(conn);
     // The writer ends once every queue sender is gone (or it sent a close).
     let _ = writer.await;
+    // Ends the stop watcher of a connection that closed normally.
+    stop.cancel();
     metrics::gauge!("ws_connections").decrement(1.0);
     state.connections.fetch_sub(1, Ordering::Relaxed);
 }
