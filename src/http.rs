@@ -135,8 +135,8 @@ async fn ws(
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
         // Small buffers: most sockets are idle and each buffer is per connection.
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
+        .write_buffer_size(2 * 1024)
         .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
         .on_upgrade(move |socket| conn::serve(socket, user, state, slot))
 }

@@ -400,8 +400,10 @@ pub async fn serve(
         };
         match msg {
             Message::Text(t) => match decode_client_frame(t.as_str(), limits.max_text_bytes) {
-                Ok(ClientFrame::Join { room, since }) => conn.join(room, since).await,
-                Ok(ClientFrame::Leave { room }) => conn.leave(room).await,
+                // Boxed: a join's future is large (history merge) and would
+                // otherwise sit inline in every idle connection's task.
+                Ok(ClientFrame::Join { room, since }) => Box::pin(conn.join(room, since)).await,
+                Ok(ClientFrame::Leave { room }) => Box::pin(conn.leave(room)).await,
                 Ok(ClientFrame::Send { room, text, cid }) => {
                     if limiter.check().is_err() {
                         conn.error(
@@ -410,7 +412,7 @@ pub async fn serve(
                             cid.as_deref(),
                         );
                     } else {
-                        conn.send(room, text, cid).await;
+                        Box::pin(conn.send(room, text, cid)).await;
                     }
                 }
                 Err(e) => conn.error(e.code, &e.message, e.cid.as_deref()),
