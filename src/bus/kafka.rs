@@ -181,17 +181,17 @@ pub struct KafkaBus {
 
 fn make_producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
     base_config(cfg)
-            .set("acks", "all")
-            .set("enable.idempotence", cfg.kafka_idempotence.to_string())
-            .set("linger.ms", cfg.kafka_linger_ms.to_string())
-            .set("batch.size", cfg.kafka_batch_size.to_string())
-            .set("compression.type", &cfg.kafka_compression)
-            .set(
-                "message.timeout.ms",
-                cfg.kafka_message_timeout_ms.to_string(),
-            )
-            .create()
-            .map_err(|e| BusError::Config(e.to_string()))
+        .set("acks", "all")
+        .set("enable.idempotence", cfg.kafka_idempotence.to_string())
+        .set("linger.ms", cfg.kafka_linger_ms.to_string())
+        .set("batch.size", cfg.kafka_batch_size.to_string())
+        .set("compression.type", &cfg.kafka_compression)
+        .set(
+            "message.timeout.ms",
+            cfg.kafka_message_timeout_ms.to_string(),
+        )
+        .create()
+        .map_err(|e| BusError::Config(e.to_string()))
 }
 
 impl KafkaBus {
