@@ -34,7 +34,21 @@ pub fn metrics_handle() -> PrometheusHandle {
                 ])
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(h) => h,
+                Ok(h) => {
+                    // Histogram samples pile up in the recorder until a scrape
+                    // or an upkeep drains them into buckets: without this, a
+                    // relay nobody scrapes grows by every recorded sample.
+                    let upkeep = h.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("metrics-upkeep".into())
+                        .spawn(move || {
+                            loop {
+                                std::thread::sleep(std::time::Duration::from_secs(5));
+                                upkeep.run_upkeep();
+                            }
+                        });
+                    h
+                }
                 // Another recorder is installed: render an empty registry.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
