@@ -22,6 +22,10 @@ need_pkg() { # command, package
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
 
+# Tools the tests call: openssl (ES256 keys in tests/security.rs), curl.
+need_pkg openssl openssl
+need_pkg curl curl
+
 # --- PostgreSQL ---------------------------------------------------------------
 pg_ok() { psql "postgres://postgres@127.0.0.1:5432/test" -qtAc 'select 1' ; }
 if ! pg_ok >/dev/null 2>&1; then
