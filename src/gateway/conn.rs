@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
@@ -291,65 +291,49 @@ pub async fn serve(
     };
     let limits = state.cfg.limits.clone();
     let (tx, mut rx) = mpsc::channel::<Frame>(limits.outbound_queue.max(1));
-    let kick = CancellationToken::new();
-    let shutdown = state.shutdown.clone();
+    // One token for every reason to stop: server shutdown (it is a child of
+    // the shutdown token), a slow client (the room registry cancels it), an
+    // oversized frame (flagged in `oversize`). Reader and writer each create
+    // its `cancelled()` future once, not once per frame: the writer wakes for
+    // every delivery, and re-registering several waiters per wake showed up in
+    // profiles.
+    let kick = state.shutdown.child_token();
+    let oversize = Arc::new(AtomicBool::new(false));
     metrics::gauge!("ws_connections").increment(1.0);
     state.connections.fetch_add(1, Ordering::Relaxed);
 
     // Writer: drains the queue, batching queued frames into one flush.
-    let close_on_oversize = CancellationToken::new();
-    // One token the writer waits on, cancelled by any reason to stop (server
-    // shutdown, slow client, oversized frame); the reason is read afterwards.
-    // Its `cancelled()` future is created once, not once per frame: the
-    // writer wakes for every delivery, and re-registering three waiters per
-    // wake showed up in profiles.
-    let stop = shutdown.child_token();
-    {
-        let (stop, kick, oversize) = (stop.clone(), kick.clone(), close_on_oversize.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = kick.cancelled() => {}
-                _ = oversize.cancelled() => {}
-                _ = stop.cancelled() => return,
-            }
-            stop.cancel();
-        });
-    }
-    let (writer_kick, oversize, writer_stop) =
-        (kick.clone(), close_on_oversize.clone(), stop.clone());
+    let (writer_kick, writer_oversize, shutdown) =
+        (kick.clone(), oversize.clone(), state.shutdown.clone());
     let writer = tokio::spawn(async move {
-        let close = |code: u16, reason: &'static str| {
+        let close = || {
+            let (code, reason) = if writer_oversize.load(Ordering::Relaxed) {
+                (CLOSE_TOO_BIG, "frame too big")
+            } else if shutdown.is_cancelled() {
+                (CLOSE_GOING_AWAY, "server shutting down")
+            } else {
+                (CLOSE_TRY_AGAIN, "too slow: outbound queue full")
+            };
             Message::Close(Some(CloseFrame {
                 code,
                 reason: reason.into(),
             }))
         };
-        let stopped = writer_stop.cancelled();
+        let stopped = writer_kick.cancelled();
         tokio::pin!(stopped);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut stopped => {
-                    let frame = if oversize.is_cancelled() {
-                        close(CLOSE_TOO_BIG, "frame too big")
-                    } else if writer_kick.is_cancelled() {
-                        close(CLOSE_TRY_AGAIN, "too slow: outbound queue full")
-                    } else {
-                        close(CLOSE_GOING_AWAY, "server shutting down")
-                    };
-                    let _ = sink.send(frame).await;
+                    let _ = sink.send(close()).await;
                     break;
                 }
                 f = rx.recv() => {
                     let Some(f) = f else {
-                        // The reader is done; it may have ended because of a
-                        // limit whose close frame is still owed.
-                        if oversize.is_cancelled() {
-                            let _ = sink.send(close(CLOSE_TOO_BIG, "frame too big")).await;
-                        } else if writer_kick.is_cancelled() {
-                            let _ = sink
-                                .send(close(CLOSE_TRY_AGAIN, "too slow: outbound queue full"))
-                                .await;
+                        // The reader is done; it may have ended for a reason
+                        // whose close frame is still owed.
+                        if writer_kick.is_cancelled() {
+                            let _ = sink.send(close()).await;
                         }
                         break;
                     };
@@ -378,7 +362,7 @@ pub async fn serve(
     let burst = NonZeroU32::new(limits.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
     let limiter = RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst));
 
-    let reader_stopped = stop.cancelled();
+    let reader_stopped = kick.cancelled();
     tokio::pin!(reader_stopped);
     loop {
         let msg = tokio::select! {
@@ -392,7 +376,8 @@ pub async fn serve(
                 let s = e.to_string();
                 if s.contains("too long") || s.contains("too big") || s.contains("Space limit") {
                     metrics::counter!("ws_oversized_frames_total").increment(1);
-                    close_on_oversize.cancel();
+                    oversize.store(true, Ordering::Relaxed);
+                    kick.cancel();
                 }
                 break;
             }
@@ -434,8 +419,6 @@ pub async fn serve(
     drop(conn);
     // The writer ends once every queue sender is gone (or it sent a close).
     let _ = writer.await;
-    // Ends the stop watcher of a connection that closed normally.
-    stop.cancel();
     metrics::gauge!("ws_connections").decrement(1.0);
     state.connections.fetch_sub(1, Ordering::Relaxed);
 }
