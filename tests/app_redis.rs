@@ -125,36 +125,18 @@ async fn redis_restart_under_the_relay() {
     assert_eq!(c.recv_type("message").await["text"], "one");
 
     server.kill().await;
-    eventually(Duration::from_secs(10), "readyz 503", || async {
-        app.get_json("/readyz").await.0 == 503
-    })
-    .await;
-    let cid = c.say(room, "while down").await;
-    let e = c.recv_type("error").await;
-    assert_eq!(
-        (e["code"].as_str(), e["cid"].as_str()),
-        (Some("bus_unavailable"), Some(cid.as_str()))
-    );
-
+    sends_refused_while_down(&app, &mut c, room, Duration::from_secs(10)).await;
     server.restart().await;
-    eventually(Duration::from_secs(20), "readyz 200", || async {
-        app.get_json("/readyz").await.0 == 200
-    })
-    .await;
     // Re-subscribed: our own message comes back through Redis again.
-    let got = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            c.say(room, "back").await;
-            if let Some(v) = c.try_recv(Duration::from_millis(500)).await
-                && v["type"] == "message"
-                && v["text"] == "back"
-            {
-                return v;
-            }
-        }
-    })
-    .await
-    .expect("delivery resumes");
+    let (got, _) = delivery_resumes(
+        &app,
+        &mut c,
+        room,
+        "back",
+        Duration::from_secs(20),
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(got["user"], "rita");
     app.stop().await;
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use chat_relay::bus::BusKind;
 use chat_relay::config::Role;
-use chat_relay::protocol::RoomId;
 use common::app::*;
 
 fn rabbitmqctl(cmd: &str) {
@@ -53,66 +52,23 @@ async fn broker_stopped_and_started_under_the_relay() {
     let room = "chat.rabbitrestart";
     let mut c = app.client("rose").await;
     c.join(room, None).await;
-    c.say(room, "before").await;
-    // Both the confirm (ack) and the delivery: RabbitMQ may deliver a
-    // persistent message before it confirms it to the publisher.
-    let (mut ack, mut msg) = (false, false);
-    while !(ack && msg) {
-        let v = c.recv().await;
-        ack |= v["type"] == "ack";
-        msg |= v["type"] == "message" && v["text"] == "before";
-    }
+    say_acked_and_delivered(&mut c, room, "before").await;
 
     let _guard = StartOnDrop;
     rabbitmqctl("stop_app");
-    eventually(Duration::from_secs(15), "readyz 503", || async {
-        app.get_json("/readyz").await.0 == 503
-    })
-    .await;
-    let cid = c.say(room, "while down").await;
-    let e = c.recv_type("error").await;
-    assert_eq!(
-        (e["code"].as_str(), e["cid"].as_str()),
-        (Some("bus_unavailable"), Some(cid.as_str())),
-        "{e}"
-    );
+    sends_refused_while_down(&app, &mut c, room, Duration::from_secs(15)).await;
     rabbitmqctl("start_app");
-    eventually(Duration::from_secs(60), "readyz 200", || async {
-        app.get_json("/readyz").await.0 == 200
-    })
+    // The room was re-bound: our own message returns.
+    let (got, acked) = delivery_resumes(
+        &app,
+        &mut c,
+        room,
+        "after",
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+    )
     .await;
-    let mut acked = vec![];
-    let got = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            c.say(room, "after").await;
-            while let Some(v) = c.try_recv(Duration::from_millis(500)).await {
-                if v["type"] == "ack" {
-                    acked.push(v["id"].as_str().unwrap_or_default().to_string());
-                }
-                if v["type"] == "message" && v["text"] == "after" {
-                    return v;
-                }
-            }
-        }
-    })
-    .await
-    .expect("live delivery resumes: the room was re-bound");
     assert_eq!(got["user"], "rose");
-    let store = app.store.clone();
-    let room_id = RoomId::parse(room).unwrap();
-    eventually(Duration::from_secs(30), "acked messages stored", || {
-        let (store, room_id, acked) = (store.clone(), room_id.clone(), acked.clone());
-        async move {
-            let rows = store.history(&room_id, None, 500).await.unwrap_or_default();
-            rows.iter().any(|m| m.text == "before")
-                && acked.iter().all(|id| rows.iter().any(|m| &m.id == id))
-        }
-    })
-    .await;
-    let rows = store.history(&room_id, None, 500).await.unwrap();
-    let mut ids: Vec<&str> = rows.iter().map(|m| m.id.as_str()).collect();
-    let n = ids.len();
-    ids.dedup();
-    assert_eq!(ids.len(), n, "no duplicates");
+    stored_once(&app.store, room, "before", &acked).await;
     app.stop().await;
 }

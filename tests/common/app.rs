@@ -279,3 +279,86 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Sends `text` and waits for both its `ack` and its delivery back to the
+/// sender, in whichever order they come (RabbitMQ may deliver a persistent
+/// message before it confirms it).
+pub async fn say_acked_and_delivered(c: &mut Client, room: &str, text: &str) {
+    c.say(room, text).await;
+    let (mut ack, mut msg) = (false, false);
+    while !(ack && msg) {
+        let v = c.recv().await;
+        ack |= v["type"] == "ack";
+        msg |= v["type"] == "message" && v["text"] == text;
+    }
+}
+
+/// The broker is down: `/readyz` turns 503 within `wait`, and a send is
+/// answered `bus_unavailable` for its `cid` — never silence.
+pub async fn sends_refused_while_down(app: &TestApp, c: &mut Client, room: &str, wait: Duration) {
+    eventually(wait, "readyz 503", || async {
+        app.get_json("/readyz").await.0 == 503
+    })
+    .await;
+    let cid = c.say(room, "while down").await;
+    let e = c.recv_type("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e["cid"].as_str()),
+        (Some("bus_unavailable"), Some(cid.as_str())),
+        "{e}"
+    );
+}
+
+/// The broker is back: `/readyz` returns to 200 within `ready_wait`, then
+/// `text` is sent until the client's own message comes back (within
+/// `resume_wait`). Returns that message and the ids acked meanwhile.
+pub async fn delivery_resumes(
+    app: &TestApp,
+    c: &mut Client,
+    room: &str,
+    text: &str,
+    ready_wait: Duration,
+    resume_wait: Duration,
+) -> (Value, Vec<String>) {
+    eventually(ready_wait, "readyz 200", || async {
+        app.get_json("/readyz").await.0 == 200
+    })
+    .await;
+    let mut acked = vec![];
+    let got = tokio::time::timeout(resume_wait, async {
+        loop {
+            c.say(room, text).await;
+            while let Some(v) = c.try_recv(Duration::from_millis(500)).await {
+                if v["type"] == "ack" {
+                    acked.push(v["id"].as_str().unwrap_or_default().to_string());
+                }
+                if v["type"] == "message" && v["text"] == text {
+                    return v;
+                }
+            }
+        }
+    })
+    .await
+    .expect("delivery resumes after the broker is back");
+    (got, acked)
+}
+
+/// The message `first` and every `acked` id end up stored, each once.
+pub async fn stored_once(store: &Store, room: &str, first: &str, acked: &[String]) {
+    let room_id = chat_relay::protocol::RoomId::parse(room).expect("room id");
+    eventually(Duration::from_secs(30), "acked messages stored", || {
+        let (store, room_id) = (store.clone(), room_id.clone());
+        async move {
+            let rows = store.history(&room_id, None, 500).await.unwrap_or_default();
+            rows.iter().any(|m| m.text == first)
+                && acked.iter().all(|id| rows.iter().any(|m| &m.id == id))
+        }
+    })
+    .await;
+    let rows = store.history(&room_id, None, 500).await.expect("history");
+    let mut ids: Vec<&str> = rows.iter().map(|m| m.id.as_str()).collect();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "no duplicates");
+    assert_eq!(rows.iter().filter(|m| m.text == first).count(), 1);
+}
