@@ -17,7 +17,7 @@ use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
-use crate::auth::{self, RoomPolicy};
+use crate::auth::{self, Identity, RoomPolicy};
 use crate::config::Role;
 use crate::gateway::conn;
 use crate::protocol::{RoomId, valid_user};
@@ -192,6 +192,29 @@ async fn metrics(State(state): State<AppState>) -> Response {
     metrics_handle().render().into_response()
 }
 
+/// The caller of an HTTP request on `room`, from its bearer token: `None`
+/// when authentication is off; 401 for a missing or bad token, 403 when the
+/// token's `rooms` claim does not allow the room.
+fn caller_for_room(
+    state: &AppState,
+    headers: &HeaderMap,
+    room: &RoomId,
+) -> Result<Option<Identity>, Box<Response>> {
+    match state.auth.verify(auth::token_from(headers, None)) {
+        Ok(Some(id)) if !id.rooms.allows(room) => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!("your token does not allow room {room}"),
+        ))),
+        Ok(id) => Ok(id),
+        Err(e) => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            &e.to_string(),
+        ))),
+    }
+}
+
 #[derive(Deserialize)]
 struct HistoryParams {
     limit: Option<i64>,
@@ -212,16 +235,8 @@ async fn history(
         );
     };
     // With auth on, reading a room needs a token that may join it.
-    match state.auth.verify(auth::token_from(&headers, None)) {
-        Ok(Some(id)) if !id.rooms.allows(&room) => {
-            return error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                &format!("your token does not allow room {room}"),
-            );
-        }
-        Ok(_) => {}
-        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+    if let Err(refused) = caller_for_room(&state, &headers, &room) {
+        return *refused;
     }
     let limit = p.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -319,14 +334,8 @@ async fn post_message(
             "body must be JSON {\"user\":…,\"text\":…}",
         );
     };
-    let user = match state.auth.verify(auth::token_from(&headers, None)) {
-        Ok(Some(id)) if !id.rooms.allows(&room) => {
-            return error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                &format!("your token does not allow room {room}"),
-            );
-        }
+    let user = match caller_for_room(&state, &headers, &room) {
+        Err(refused) => return *refused,
         Ok(Some(id)) => id.user,
         Ok(None) => match body.user {
             Some(u) if valid_user(&u) => u,
@@ -338,7 +347,6 @@ async fn post_message(
                 );
             }
         },
-        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     };
     if body.text.trim().is_empty() {
         return error(StatusCode::BAD_REQUEST, "empty_text", "text is empty");
