@@ -194,33 +194,13 @@ async fn post(url: &str, token: Option<&str>, body: &str) -> (u16, Value) {
 }
 
 async fn request(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
-    let body = body.unwrap_or("");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let b = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v = match (b.find('{'), b.rfind('}')) {
-        (Some(x), Some(y)) => serde_json::from_str(&b[x..=y]).unwrap_or(Value::Null),
-        _ => Value::Null,
-    };
-    (status, v)
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .as_deref()
+        .map(|b| ("Authorization", b))
+        .into_iter()
+        .collect();
+    common::app::http_request_with_headers(method, url, &headers, body).await
 }
 
 /// ES256 with a PEM public key made by `openssl` (present wherever the test

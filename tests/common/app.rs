@@ -56,16 +56,32 @@ pub async fn http_get(url: &str) -> (u16, Value) {
 
 /// Minimal HTTP/1.1 request with an optional JSON body.
 pub async fn http_request(method: &str, url: &str, body: Option<&str>) -> (u16, Value) {
+    http_request_with_headers(method, url, &[], body).await
+}
+
+/// [`http_request`] with extra request headers (e.g. `Authorization`).
+pub async fn http_request_with_headers(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("http url");
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let mut s = TcpStream::connect(host).await.expect("connect");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let req = match body {
         Some(b) => format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
             b.len()
         ),
-        None => format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        None => {
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n")
+        }
     };
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
