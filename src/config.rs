@@ -135,7 +135,7 @@ pub struct PersistConfig {
         id = "persist_batch_size",
         long = "persist-batch-size",
         env = "PERSIST_BATCH_SIZE",
-        default_value_t = 500
+        default_value_t = 2000
     )]
     pub batch_size: usize,
     /// Longest a message waits for its batch to fill (ms).
