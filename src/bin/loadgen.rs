@@ -49,6 +49,17 @@ struct Args {
     /// Room name prefix (defaults to a unique one).
     #[arg(long)]
     prefix: Option<String>,
+    /// Density mode: open this many idle connections (each joined to one of
+    /// `rooms`), hold them `hold` seconds, print a JSON line. No publishing.
+    #[arg(long, default_value_t = 0)]
+    idle_conns: usize,
+    /// Seconds to hold the idle connections once all have joined.
+    #[arg(long, default_value_t = 20)]
+    hold: u64,
+    /// Spread idle connections over source addresses 127.0.0.1..=127.0.0.N:
+    /// one source address reaches only ~28,000 ports to one relay port.
+    #[arg(long, default_value_t = 1)]
+    source_ips: u8,
 }
 
 fn now_us() -> u64 {
@@ -89,6 +100,9 @@ struct SubStats {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.idle_conns > 0 {
+        return idle(&args).await;
+    }
     let urls: Vec<String> = args.url.split(',').map(|s| s.trim().to_string()).collect();
     let prefix = args
         .prefix
@@ -295,5 +309,112 @@ async fn main() -> anyhow::Result<()> {
         "e2e_ms": {"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
     });
     println!("{out}");
+    Ok(())
+}
+
+/// Density mode: `idle_conns` connections that join a room and stay idle.
+/// Prints `all joined` on stderr when the last one joined (the driver samples
+/// the relay's RSS then), holds, and prints one JSON line.
+async fn idle(args: &Args) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    let base = args.url.split(',').next().unwrap_or_default().to_string();
+    let uri: tokio_tungstenite::tungstenite::http::Uri = base.parse()?;
+    let host = uri.host().unwrap_or("127.0.0.1").to_string();
+    let addr: std::net::SocketAddr = format!("{host}:{}", uri.port_u16().unwrap_or(80)).parse()?;
+    let prefix = args.prefix.clone().unwrap_or_else(|| "idle".into());
+    let joined = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let times = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 600_000, 3,
+    )?));
+    let release = tokio_util::sync::CancellationToken::new();
+    // Handshakes in flight at once: keeps the relay's accept queue short.
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(args.idle_conns);
+    for i in 0..args.idle_conns {
+        let src =
+            std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % args.source_ips.max(1) as usize) as u8);
+        let url = format!("{base}/ws?user=i{i}");
+        let room = format!("chat.{prefix}-{}", i % args.rooms.max(1));
+        let (joined, failed, times, release, gate) = (
+            joined.clone(),
+            failed.clone(),
+            times.clone(),
+            release.clone(),
+            gate.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let t0 = Instant::now();
+            let conn = async {
+                let sock = tokio::net::TcpSocket::new_v4()?;
+                sock.bind(std::net::SocketAddr::new(src.into(), 0))?;
+                let stream = sock.connect(addr).await?;
+                let cfg = WebSocketConfig::default()
+                    .read_buffer_size(4096)
+                    .write_buffer_size(0);
+                let (mut ws, _) =
+                    tokio_tungstenite::client_async_with_config(url, stream, Some(cfg)).await?;
+                ws.send(Message::Text(
+                    json!({"type":"join","room":room}).to_string().into(),
+                ))
+                .await?;
+                while let Some(m) = ws.next().await {
+                    if let Message::Text(t) = m?
+                        && t.as_str().starts_with(r#"{"type":"joined""#)
+                    {
+                        return anyhow::Ok(ws);
+                    }
+                }
+                anyhow::bail!("closed before joined")
+            };
+            let mut ws = match tokio::time::timeout(Duration::from_secs(60), conn).await {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => {
+                    if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("idle connection failed: {e}");
+                    }
+                    return;
+                }
+                Err(_) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            drop(permit);
+            let _ = times
+                .lock()
+                .await
+                .record(t0.elapsed().as_millis().max(1) as u64);
+            joined.fetch_add(1, Ordering::Relaxed);
+            // Idle: answer pings (tungstenite does on read) until released.
+            loop {
+                tokio::select! {
+                    _ = release.cancelled() => break,
+                    m = ws.next() => if m.is_none() { break },
+                }
+            }
+            let _ = ws.close(None).await;
+        }));
+    }
+    let n = args.idle_conns as u64;
+    while joined.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ramp = started.elapsed().as_secs_f64();
+    eprintln!("all joined: {} of {n}", joined.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    release.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let h = times.lock().await;
+    println!(
+        "{}",
+        json!({"mode": "idle", "conns": n, "joined": joined.load(Ordering::Relaxed),
+               "failed": failed.load(Ordering::Relaxed), "ramp_s": (ramp * 10.0).round() / 10.0,
+               "connect_join_ms": {"p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99)}})
+    );
     Ok(())
 }

@@ -11,7 +11,6 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::rooms::{ConnId, EnterError, Frame};
@@ -34,7 +33,7 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 struct Conn {
     id: ConnId,
     user: Arc<str>,
-    tx: mpsc::Sender<Frame>,
+    tx: flume::Sender<Frame>,
     kick: CancellationToken,
     joined: HashMap<RoomId, ()>,
     rooms_allowed: RoomPolicy,
@@ -290,7 +289,10 @@ pub async fn serve(
         }
     };
     let limits = state.cfg.limits.clone();
-    let (tx, mut rx) = mpsc::channel::<Frame>(limits.outbound_queue.max(1));
+    // flume rather than tokio's mpsc: its queue starts empty and grows to
+    // what is actually queued, where tokio allocates a 32-slot block (~1.6
+    // KB) up front — in every idle connection (BENCHMARKS.md).
+    let (tx, rx) = flume::bounded::<Frame>(limits.outbound_queue.max(1));
     // One token for every reason to stop: server shutdown (it is a child of
     // the shutdown token), a slow client (the room registry cancels it), an
     // oversized frame (flagged in `oversize`). Reader and writer each create
@@ -328,8 +330,8 @@ pub async fn serve(
                     let _ = sink.send(close()).await;
                     break;
                 }
-                f = rx.recv() => {
-                    let Some(f) = f else {
+                f = rx.recv_async() => {
+                    let Ok(f) = f else {
                         // The reader is done; it may have ended for a reason
                         // whose close frame is still owed.
                         if writer_kick.is_cancelled() {

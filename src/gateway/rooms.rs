@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusError, RoomInterest};
@@ -37,7 +36,7 @@ enum Sink {
 
 struct Member {
     user: Arc<str>,
-    tx: mpsc::Sender<Frame>,
+    tx: flume::Sender<Frame>,
     kick: CancellationToken,
     sink: Sink,
 }
@@ -115,7 +114,7 @@ impl Rooms {
         room: &RoomId,
         conn: ConnId,
         user: Arc<str>,
-        tx: mpsc::Sender<Frame>,
+        tx: flume::Sender<Frame>,
         kick: CancellationToken,
         max_members: usize,
     ) -> Result<JoinTicket, EnterError> {
@@ -241,11 +240,11 @@ impl Rooms {
             match &mut m.sink {
                 Sink::Live => match m.tx.try_send(frame.clone()) {
                     Ok(()) => n += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
+                    Err(flume::TrySendError::Full(_)) => {
                         metrics::counter!("ws_slow_client_kicks_total").increment(1);
                         m.kick.cancel();
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(flume::TrySendError::Disconnected(_)) => {}
                 },
                 Sink::Joining(held) => {
                     if held.len() < MAX_HELD {
