@@ -114,18 +114,21 @@ async fn main() -> anyhow::Result<()> {
     )?));
     let totals = Arc::new(Mutex::new(SubStats::default()));
     let joined = Arc::new(AtomicU64::new(0));
-    let end_at = Instant::now() + Duration::from_secs(2 + args.seconds + args.drain);
+    // Subscribers read until the publishers are done plus `drain` seconds
+    // (connecting thousands of subscribers takes seconds of its own).
+    let done = tokio_util::sync::CancellationToken::new();
 
     // Subscribers.
     let mut subs = Vec::new();
     for i in 0..args.rooms * args.subs {
         let url = format!("{}/ws?user=s{i}", urls[i % urls.len()]);
-        let (room, hist, totals, joined, prefix) = (
+        let (room, hist, totals, joined, prefix, done) = (
             room(i),
             hist.clone(),
             totals.clone(),
             joined.clone(),
             prefix.clone(),
+            done.clone(),
         );
         subs.push(tokio::spawn(async move {
             let (mut ws, _) =
@@ -146,9 +149,13 @@ async fn main() -> anyhow::Result<()> {
             let mut last: HashMap<u64, u64> = HashMap::new();
             let mut seen: HashMap<u64, std::collections::HashSet<u64>> = HashMap::new();
             loop {
-                let m = match tokio::time::timeout_at(end_at.into(), ws.next()).await {
-                    Ok(Some(Ok(Message::Text(t)))) => t,
-                    Ok(Some(Ok(_))) => continue,
+                let m = tokio::select! {
+                    _ = done.cancelled() => break,
+                    m = ws.next() => m,
+                };
+                let m = match m {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(_)) => continue,
                     _ => break,
                 };
                 // Typed, borrowed parsing: the generator must stay cheaper
@@ -218,6 +225,15 @@ async fn main() -> anyhow::Result<()> {
     let per_pub = (args.rate as f64 / args.publishers as f64).max(0.001);
     let pad = "x".repeat(args.size.saturating_sub(60));
     let started = Instant::now();
+    // Every publisher connects and joins within this, then starts at its phase.
+    let start_at = started + Duration::from_millis(500);
+    // Markers for drivers that measure CPU over the publishing window only.
+    let marker = start_at;
+    let sending = Arc::new(AtomicU64::new(args.publishers as u64));
+    tokio::spawn(async move {
+        tokio::time::sleep_until(marker.into()).await;
+        eprintln!("publish-start");
+    });
     let mut pubs = Vec::new();
     for p in 0..args.publishers {
         let url = format!("{}/ws?user=p{p}", urls[p % urls.len()]);
@@ -230,7 +246,7 @@ async fn main() -> anyhow::Result<()> {
             pad.clone(),
             prefix.clone(),
         );
-        let seconds = args.seconds;
+        let (seconds, publishers, sending) = (args.seconds, args.publishers, sending.clone());
         pubs.push(tokio::spawn(async move {
             let (ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await
             {
@@ -257,8 +273,13 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             });
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Stagger the publishers over one period: started together, they
+            // would all send in the same instant every period, and the
+            // resulting bursts (publishers × subs deliveries at once) measure
+            // the generator's schedule, not the relay.
             let period = Duration::from_secs_f64(1.0 / per_pub);
+            let phase = period.mul_f64(p as f64 / publishers as f64);
+            tokio::time::sleep_until((start_at + phase).into()).await;
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let stop = Instant::now() + Duration::from_secs(seconds);
@@ -278,6 +299,9 @@ async fn main() -> anyhow::Result<()> {
                 sent.fetch_add(1, Ordering::Relaxed);
                 seq += 1;
             }
+            if sending.fetch_sub(1, Ordering::Relaxed) == 1 {
+                eprintln!("publish-end");
+            }
             tokio::time::sleep(Duration::from_secs(2)).await;
             reader.abort();
         }));
@@ -290,6 +314,8 @@ async fn main() -> anyhow::Result<()> {
         .as_secs_f64()
         .min(args.seconds as f64)
         .max(0.001);
+    tokio::time::sleep(Duration::from_secs(args.drain)).await;
+    done.cancel();
     for s in subs {
         let _ = s.await;
     }
