@@ -104,7 +104,9 @@ async fn main() -> anyhow::Result<()> {
         }
         "kafka" => {
             use rdkafka::producer::{FutureProducer, FutureRecord};
-            let topic = "brokerbench";
+            // A fresh topic per run: tansu's memory storage slows down as a
+            // topic grows, which would make later runs look slower.
+            let topic = &format!("brokerbench-{}", ulid::Ulid::new());
             let p: FutureProducer = rdkafka::ClientConfig::new()
                 .set("bootstrap.servers", &a.kafka_brokers)
                 .set("acks", "all")
@@ -114,19 +116,20 @@ async fn main() -> anyhow::Result<()> {
                 .create()?;
             chat_relay::bus::kafka::ensure_topic(&chat_relay::bus::kafka::KafkaConfig {
                 kafka_brokers: a.kafka_brokers.clone(),
-                kafka_topic: topic.into(),
+                kafka_topic: topic.to_string(),
                 ..Default::default()
             })
             .await?;
             started = Instant::now();
             let mut tasks = Vec::new();
             for i in 0..a.concurrency {
-                let (p, next, payload, n) = (p.clone(), next.clone(), payload.clone(), a.n);
+                let (p, next, payload, n, topic) =
+                    (p.clone(), next.clone(), payload.clone(), a.n, topic.clone());
                 tasks.push(tokio::spawn(async move {
                     let key = format!("chat.room{i}");
                     while next.fetch_add(1, Ordering::Relaxed) < n {
                         p.send(
-                            FutureRecord::to(topic).key(&key).payload(&payload),
+                            FutureRecord::to(&topic).key(&key).payload(&payload),
                             Duration::from_secs(5),
                         )
                         .await
