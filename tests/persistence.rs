@@ -123,6 +123,45 @@ async fn crash_restart_without_duplicates_postgres() {
     crash_restart_without_duplicates(&pg_db().await).await;
 }
 
+/// The bulk insert counts only new rows: a batch that repeats an id inside
+/// itself and one already stored writes each message once, and larger than
+/// one statement's worth on SQLite (chunked) as on PostgreSQL (one UNNEST).
+async fn bulk_insert_is_idempotent(db: &str) {
+    let store = Store::connect(db).await.expect("store");
+    let room = RoomId::parse("chat.bulk").expect("room");
+    let ids: Vec<String> = (0..2500).map(|_| ulid::Ulid::new().to_string()).collect();
+    let first: Vec<ChatMessage> = ids[..10]
+        .iter()
+        .map(|id| msg(&room, id.clone(), "a", 1))
+        .collect();
+    assert_eq!(store.insert_messages(&first).await.expect("insert"), 10);
+    // 2,500 distinct ids, 10 of them stored already, plus one repeated in the batch.
+    let mut batch: Vec<ChatMessage> = ids
+        .iter()
+        .map(|id| msg(&room, id.clone(), "b", 2))
+        .collect();
+    batch.push(msg(&room, ids[2000].clone(), "b", 2));
+    assert_eq!(store.insert_messages(&batch).await.expect("insert"), 2490);
+    assert_eq!(
+        store.count_messages(Some(&room)).await.expect("count"),
+        2500
+    );
+    // The first write wins: a redelivery never rewrites a stored message.
+    let h = store.history(&room, None, 3000).await.expect("history");
+    assert_eq!(h.iter().filter(|m| m.user == "a").count(), 10);
+}
+
+#[tokio::test]
+async fn bulk_insert_is_idempotent_sqlite() {
+    let (_d, db) = sqlite_db();
+    bulk_insert_is_idempotent(&db).await;
+}
+
+#[tokio::test]
+async fn bulk_insert_is_idempotent_postgres() {
+    bulk_insert_is_idempotent(&pg_db().await).await;
+}
+
 /// A scripted conversation through the real app; `/api/stats` must show the
 /// exact numbers, and the flooder is flagged with a system message in the room.
 async fn analytics_numbers(db: &str) {
