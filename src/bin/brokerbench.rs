@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
             use rdkafka::producer::{FutureProducer, FutureRecord};
             // A fresh topic per run: tansu's memory storage slows down as a
             // topic grows, which would make later runs look slower.
-            let topic = &format!("brokerbench-{}", ulid::Ulid::new());
+            let topic = format!("brokerbench-{}", ulid::Ulid::new());
             let p: FutureProducer = rdkafka::ClientConfig::new()
                 .set("bootstrap.servers", &a.kafka_brokers)
                 .set("acks", "all")
@@ -116,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
                 .create()?;
             chat_relay::bus::kafka::ensure_topic(&chat_relay::bus::kafka::KafkaConfig {
                 kafka_brokers: a.kafka_brokers.clone(),
-                kafka_topic: topic.to_string(),
+                kafka_topic: topic.clone(),
                 ..Default::default()
             })
             .await?;

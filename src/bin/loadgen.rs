@@ -228,10 +228,9 @@ async fn main() -> anyhow::Result<()> {
     // Every publisher connects and joins within this, then starts at its phase.
     let start_at = started + Duration::from_millis(500);
     // Markers for drivers that measure CPU over the publishing window only.
-    let marker = start_at;
     let sending = Arc::new(AtomicU64::new(args.publishers as u64));
     tokio::spawn(async move {
-        tokio::time::sleep_until(marker.into()).await;
+        tokio::time::sleep_until(start_at.into()).await;
         eprintln!("publish-start");
     });
     let mut pubs = Vec::new();
