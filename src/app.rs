@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -12,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, MessageBus};
 use crate::config::{Config, Role};
-use crate::gateway::rooms::Rooms;
+use crate::gateway::{self, Gateway};
+use crate::http::{self, HttpState};
 use crate::ids::IdGen;
 use crate::store::Store;
-use crate::{http, workers};
+use crate::workers;
 
 /// Errors that stop the application from starting.
 #[derive(Debug, thiserror::Error)]
@@ -32,26 +32,10 @@ pub enum AppError {
     Serve(std::io::Error),
 }
 
-/// Shared state of every handler and worker of one instance.
-#[derive(Clone)]
-pub struct AppState {
-    pub cfg: Arc<Config>,
-    pub instance: String,
-    pub bus: Arc<dyn MessageBus>,
-    pub store: Store,
-    pub rooms: Arc<Rooms>,
-    pub ids: Arc<IdGen>,
-    pub connections: Arc<AtomicI64>,
-    pub shutdown: CancellationToken,
-    /// Per role: is its consumer subscribed (drives `/readyz`)?
-    pub role_ready: Vec<(&'static str, tokio::sync::watch::Receiver<bool>)>,
-    pub auth: Arc<crate::auth::Authenticator>,
-    pub conns_per_ip: Arc<crate::auth::ConnCounter>,
-}
-
 pub struct Application {
     listener: TcpListener,
-    state: AppState,
+    http: HttpState,
+    tcp_nodelay: bool,
     /// Worker tasks; a JoinSet aborts them all if the application is dropped
     /// (a crash), so no role outlives its process.
     workers: JoinSet<()>,
@@ -86,20 +70,24 @@ impl Application {
             .await
             .map_err(|e| AppError::Bind(cfg.bind, e))?;
         let shutdown = CancellationToken::new();
-        let rooms = Arc::new(Rooms::new(
-            instance.clone(),
-            cfg.limits.history_on_join.max(0) as usize,
-        ));
         let ids = Arc::new(IdGen::default());
+        let gateway = Arc::new(Gateway::new(
+            bus.clone(),
+            store.clone(),
+            ids.clone(),
+            cfg.limits.clone(),
+            instance.clone(),
+            shutdown.clone(),
+        ));
         let mut workers = JoinSet::new();
         let mut role_ready = Vec::new();
 
         if cfg.has_role(Role::Gateway) {
             let (live_tx, live_rx) = tokio::sync::watch::channel(false);
             role_ready.push(("live_delivery", live_rx));
-            workers.spawn(workers::live::run(
+            workers.spawn(gateway::live::run(
                 bus.clone(),
-                rooms.clone(),
+                gateway.rooms.clone(),
                 format!("live-{instance}"),
                 live_tx,
                 shutdown.clone(),
@@ -151,22 +139,20 @@ impl Application {
             addr = %listener.local_addr().map_err(AppError::Serve)?,
             "chat-relay started"
         );
-        let state = AppState {
-            cfg: Arc::new(cfg),
-            instance,
-            bus,
-            store,
-            rooms,
-            ids,
-            connections: Arc::default(),
-            shutdown,
-            role_ready,
+        let http = HttpState {
+            gateway,
             auth: Arc::new(auth),
+            allowed_origins: cfg.auth.allowed_origins.clone().into(),
             conns_per_ip: Arc::default(),
+            role_ready: role_ready.into(),
+            lag_groups: [cfg.persist.group.clone(), cfg.analytics.group.clone()].into(),
+            serve_gateway: cfg.has_role(Role::Gateway),
+            static_dir: cfg.static_dir.clone(),
         };
         Ok(Application {
             listener,
-            state,
+            http,
+            tcp_nodelay: cfg.tcp_nodelay,
             workers,
         })
     }
@@ -176,16 +162,16 @@ impl Application {
     }
 
     pub fn instance(&self) -> &str {
-        &self.state.instance
+        &self.http.gateway.instance
     }
 
     pub fn store(&self) -> Store {
-        self.state.store.clone()
+        self.http.gateway.store.clone()
     }
 
     /// Cancelling this token stops the application gracefully.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.state.shutdown.clone()
+        self.http.gateway.shutdown.clone()
     }
 
     /// Serves until the shutdown token is cancelled, then: sockets get a close
@@ -194,14 +180,14 @@ impl Application {
     pub async fn run_until_stopped(self) -> Result<(), AppError> {
         let Application {
             listener,
-            state,
+            http,
+            tcp_nodelay: nodelay,
             workers,
         } = self;
-        let shutdown = state.shutdown.clone();
-        let bus = state.bus.clone();
-        let store = state.store.clone();
-        let nodelay = state.cfg.tcp_nodelay;
-        let router = http::router(state);
+        let shutdown = http.gateway.shutdown.clone();
+        let bus = http.gateway.bus.clone();
+        let store = http.gateway.store.clone();
+        let router = http::router(http);
         // TCP_NODELAY: chat frames are small and latency-bound. With Nagle on,
         // a frame written while the previous one is unacknowledged waits for
         // the peer's (possibly delayed, up to 40 ms) ACK.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::bus::BusKind;
+use crate::bus::BusConfig;
 
 /// Which roles a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -17,22 +17,6 @@ pub enum Role {
     Persist,
     /// The `analytics` consumer group.
     Analytics,
-}
-
-/// Bus selection and per-backend settings.
-#[derive(Debug, Clone, Args)]
-pub struct BusConfig {
-    /// Message bus backend.
-    #[arg(long, env = "BUS", value_enum, default_value = "memory")]
-    pub bus: BusKind,
-    #[command(flatten)]
-    pub memory: crate::bus::memory::MemoryConfig,
-    #[command(flatten)]
-    pub redis: crate::bus::redis::RedisConfig,
-    #[command(flatten)]
-    pub kafka: crate::bus::kafka::KafkaConfig,
-    #[command(flatten)]
-    pub rabbitmq: crate::bus::rabbitmq::RabbitConfig,
 }
 
 /// Settings of `chat-relay serve`.
@@ -187,13 +171,7 @@ impl Config {
     /// Builds a config from defaults and environment only (tests use this and
     /// then override fields).
     pub fn from_env() -> Result<Config, clap::Error> {
-        #[derive(clap::Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            cfg: Config,
-        }
-        use clap::Parser;
-        Wrapper::try_parse_from(["chat-relay"]).map(|w| w.cfg)
+        crate::settings::from_env()
     }
 
     pub fn has_role(&self, r: Role) -> bool {

@@ -1,8 +1,8 @@
 //! HTTP routes: the WebSocket endpoint, history, stats, health and metrics.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::Router;
@@ -16,11 +16,39 @@ use serde_json::json;
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
-use crate::app::AppState;
-use crate::auth::{self, Identity, RoomPolicy};
-use crate::config::Role;
-use crate::gateway::conn;
-use crate::protocol::{RoomId, valid_user};
+use crate::auth::{self, Authenticator, ConnCounter, Identity, RoomPolicy};
+use crate::bus::MessageBus;
+use crate::gateway::{Gateway, conn};
+use crate::protocol::{ErrorCode, RoomId, valid_user};
+use crate::store::Store;
+
+/// What the HTTP handlers need; built once by the application.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The gateway's context: `/ws` connections, `POST` publishing, stats.
+    pub gateway: Arc<Gateway>,
+    pub auth: Arc<Authenticator>,
+    /// Browser origins allowed to open `/ws` (`ALLOWED_ORIGINS`).
+    pub allowed_origins: Arc<[String]>,
+    pub conns_per_ip: Arc<ConnCounter>,
+    /// Per role: is its consumer subscribed (drives `/readyz`)?
+    pub role_ready: Arc<[(&'static str, tokio::sync::watch::Receiver<bool>)]>,
+    /// Consumer groups whose lag `/metrics` reports where the bus knows it.
+    pub lag_groups: Arc<[String]>,
+    /// This process runs the gateway role: serve `/ws` and the browser client.
+    pub serve_gateway: bool,
+    /// Directory served at `/`.
+    pub static_dir: String,
+}
+
+impl HttpState {
+    fn bus(&self) -> &dyn MessageBus {
+        self.gateway.bus.as_ref()
+    }
+    fn store(&self) -> &Store {
+        &self.gateway.store
+    }
+}
 
 /// The process-wide Prometheus recorder (installed once; several
 /// applications in one test process share it).
@@ -56,7 +84,7 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: HttpState) -> Router {
     let _ = metrics_handle();
     let mut r = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -67,18 +95,20 @@ pub fn router(state: AppState) -> Router {
             "/api/rooms/{room}/messages",
             get(history).post(post_message),
         );
-    if state.cfg.has_role(Role::Gateway) {
+    if state.serve_gateway {
         r = r
             .route("/ws", get(ws))
-            .fallback_service(ServeDir::new(&state.cfg.static_dir));
+            .fallback_service(ServeDir::new(&state.static_dir));
     }
     r.layer(TraceLayer::new_for_http()).with_state(state)
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+/// A refusal: an HTTP status with `{"error":{"code":…,"message":…}}`, the
+/// code from the one vocabulary the WebSocket error frames use too.
+fn error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
     (
         status,
-        Json(json!({"error": {"code": code, "message": message}})),
+        Json(json!({"error": {"code": code.as_str(), "message": message}})),
     )
         .into_response()
 }
@@ -93,24 +123,24 @@ struct WsParams {
 /// statuses with a JSON body: 403 foreign origin, 401 missing/bad token,
 /// 429 too many connections from one IP, 503 shutting down.
 async fn ws(
-    State(state): State<AppState>,
+    State(state): State<HttpState>,
     Query(p): Query<WsParams>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if state.shutdown.is_cancelled() {
+    if state.gateway.shutdown.is_cancelled() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
+            ErrorCode::ShuttingDown,
             "server is shutting down",
         );
     }
-    if !auth::origin_allowed(&state.cfg.auth.allowed_origins, &headers) {
+    if !auth::origin_allowed(&state.allowed_origins, &headers) {
         metrics::counter!("ws_rejected_total", "reason" => "origin").increment(1);
         return error(
             StatusCode::FORBIDDEN,
-            "forbidden_origin",
+            ErrorCode::ForbiddenOrigin,
             "this origin may not open a WebSocket here (see ALLOWED_ORIGINS)",
         );
     }
@@ -127,10 +157,14 @@ async fn ws(
         },
         Err(e) => {
             metrics::counter!("ws_rejected_total", "reason" => "auth").increment(1);
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+            return error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                &e.to_string(),
+            );
         }
     };
-    let limits = &state.cfg.limits;
+    let limits = &state.gateway.limits;
     let Some(slot) = state
         .conns_per_ip
         .try_acquire(peer.ip(), limits.max_conns_per_ip)
@@ -138,7 +172,7 @@ async fn ws(
         metrics::counter!("ws_rejected_total", "reason" => "conns_per_ip").increment(1);
         return error(
             StatusCode::TOO_MANY_REQUESTS,
-            "too_many_connections",
+            ErrorCode::TooManyConnections,
             &format!(
                 "at most {} connections per IP address",
                 limits.max_conns_per_ip
@@ -152,15 +186,15 @@ async fn ws(
         .read_buffer_size(1024)
         .write_buffer_size(2 * 1024)
         .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
-        .on_upgrade(move |socket| conn::serve(socket, user, state, slot))
+        .on_upgrade(move |socket| conn::serve(socket, user, state.gateway, slot))
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    let bus = state.bus.ready().await;
-    let db = state.store.ping().await;
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let bus = state.bus().ready().await;
+    let db = state.store().ping().await;
     let mut roles_ok = true;
     let mut roles = serde_json::Map::new();
-    for (name, rx) in &state.role_ready {
+    for (name, rx) in state.role_ready.iter() {
         let ok = *rx.borrow();
         roles_ok &= ok;
         roles.insert(
@@ -172,9 +206,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "bus": bus.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
         "db": db.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string()),
         "roles": roles,
-        "backend": state.bus.backend(),
+        "backend": state.bus().backend(),
     });
-    let status = if bus.is_ok() && db.is_ok() && roles_ok && !state.shutdown.is_cancelled() {
+    let status = if bus.is_ok() && db.is_ok() && roles_ok && !state.gateway.shutdown.is_cancelled()
+    {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -182,13 +217,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
-    for g in [&state.cfg.persist.group, &state.cfg.analytics.group] {
-        if let Some(lag) = state.bus.lag(g).await {
-            metrics::gauge!("bus_consumer_lag", "group" => g.clone()).set(lag as f64);
+async fn metrics(State(state): State<HttpState>) -> Response {
+    if let Some(lags) = state.bus().consumer_lag() {
+        for g in state.lag_groups.iter() {
+            if let Some(lag) = lags.lag(g).await {
+                metrics::gauge!("bus_consumer_lag", "group" => g.clone()).set(lag as f64);
+            }
         }
     }
-    metrics::gauge!("local_rooms").set(state.rooms.local_rooms() as f64);
+    metrics::gauge!("local_rooms").set(state.gateway.rooms.local_rooms() as f64);
     metrics_handle().render().into_response()
 }
 
@@ -196,20 +233,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// when authentication is off; 401 for a missing or bad token, 403 when the
 /// token's `rooms` claim does not allow the room.
 fn caller_for_room(
-    state: &AppState,
+    state: &HttpState,
     headers: &HeaderMap,
     room: &RoomId,
 ) -> Result<Option<Identity>, Box<Response>> {
     match state.auth.verify(auth::token_from(headers, None)) {
         Ok(Some(id)) if !id.rooms.allows(room) => Err(Box::new(error(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             &format!("your token does not allow room {room}"),
         ))),
         Ok(id) => Ok(id),
         Err(e) => Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             &e.to_string(),
         ))),
     }
@@ -222,7 +259,7 @@ struct HistoryParams {
 }
 
 async fn history(
-    State(state): State<AppState>,
+    State(state): State<HttpState>,
     Path(room): Path<String>,
     Query(p): Query<HistoryParams>,
     headers: HeaderMap,
@@ -230,7 +267,7 @@ async fn history(
     let Some(room) = RoomId::parse(&room) else {
         return error(
             StatusCode::BAD_REQUEST,
-            "bad_room",
+            ErrorCode::BadRoom,
             "room must be chat.<name> or ai.<name>",
         );
     };
@@ -242,11 +279,15 @@ async fn history(
     if !(1..=500).contains(&limit) {
         return error(
             StatusCode::BAD_REQUEST,
-            "bad_limit",
+            ErrorCode::BadLimit,
             "limit must be 1..=500",
         );
     }
-    match state.store.history(&room, p.before.as_deref(), limit).await {
+    match state
+        .store()
+        .history(&room, p.before.as_deref(), limit)
+        .await
+    {
         Ok(msgs) => {
             let messages: Vec<serde_json::Value> = msgs
                 .into_iter()
@@ -264,31 +305,37 @@ async fn history(
             tracing::warn!(error = %e, "history query failed");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "db_unavailable",
+                ErrorCode::DbUnavailable,
                 "history is unavailable right now",
             )
         }
     }
 }
 
-async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn stats(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     // With auth on: a valid token, and only the rooms it may join.
     let policy = match state.auth.verify(auth::token_from(&headers, None)) {
         Ok(Some(id)) => id.rooms,
         Ok(None) => RoomPolicy::any(),
-        Err(e) => return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
+        Err(e) => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                &e.to_string(),
+            );
+        }
     };
     let now = chrono::Utc::now().timestamp_millis();
-    match state.store.stats(now, 100).await {
+    match state.store().stats(now, 100).await {
         Ok(mut rooms) => {
             rooms.retain(|r| RoomId::parse(&r.room).is_some_and(|id| policy.allows(&id)));
             Json(json!({
-            "backend": state.bus.backend(),
-            "instance": state.instance,
-            "db": state.store.kind(),
-            "capabilities": state.bus.capabilities(),
-            "connections": state.connections.load(Ordering::Relaxed),
-            "local_rooms": state.rooms.local_rooms(),
+            "backend": state.bus().backend(),
+            "instance": state.gateway.instance,
+            "db": state.store().kind(),
+            "capabilities": state.bus().capabilities(),
+            "connections": state.gateway.connections.load(Ordering::Relaxed),
+            "local_rooms": state.gateway.rooms.local_rooms(),
             "rooms": rooms,
             }))
             .into_response()
@@ -297,7 +344,7 @@ async fn stats(State(state): State<AppState>, headers: HeaderMap) -> Response {
             tracing::warn!(error = %e, "stats query failed");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "db_unavailable",
+                ErrorCode::DbUnavailable,
                 "stats are unavailable right now",
             )
         }
@@ -315,7 +362,7 @@ struct PostMessage {
 /// WebSocket `send` (for bots, the AI game master and the load tests) and
 /// answers `202 {"id":…}` once the bus accepted it.
 async fn post_message(
-    State(state): State<AppState>,
+    State(state): State<HttpState>,
     Path(room): Path<String>,
     headers: HeaderMap,
     body: Result<Json<PostMessage>, axum::extract::rejection::JsonRejection>,
@@ -323,14 +370,14 @@ async fn post_message(
     let Some(room) = RoomId::parse(&room) else {
         return error(
             StatusCode::BAD_REQUEST,
-            "bad_room",
+            ErrorCode::BadRoom,
             "room must be chat.<name> or ai.<name>",
         );
     };
     let Ok(Json(body)) = body else {
         return error(
             StatusCode::BAD_REQUEST,
-            "bad_frame",
+            ErrorCode::BadFrame,
             "body must be JSON {\"user\":…,\"text\":…}",
         );
     };
@@ -342,24 +389,32 @@ async fn post_message(
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    "bad_frame",
+                    ErrorCode::BadFrame,
                     "user name must be 1-32 characters",
                 );
             }
         },
     };
     if body.text.trim().is_empty() {
-        return error(StatusCode::BAD_REQUEST, "empty_text", "text is empty");
+        return error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::EmptyText,
+            "text is empty",
+        );
     }
-    if body.text.len() > state.cfg.limits.max_text_bytes {
+    if body.text.len() > state.gateway.limits.max_text_bytes {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "text_too_long",
+            ErrorCode::TextTooLong,
             "text is too long",
         );
     }
-    match crate::gateway::publish_chat(&state, room, user, body.text).await {
+    match state.gateway.publish_chat(room, user, body.text).await {
         Ok(id) => (StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response(),
-        Err(message) => error(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", &message),
+        Err(message) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::BusUnavailable,
+            &message,
+        ),
     }
 }

@@ -25,7 +25,7 @@ enum Cmd {
     /// Rewind a Kafka consumer group (stop its workers first), so a restarted
     /// worker reprocesses the log: `--from-beginning`, `--from-offset 0:12,3:40`
     /// or `--from-time 2026-11-22T10:00:00Z`.
-    Replay(Box<chat_relay::bus::kafka::ReplayArgs>),
+    Replay(Box<chat_relay::replay::ReplayArgs>),
     /// Exit 0 when the local relay answers `/readyz` with 200 (for container healthchecks).
     Healthcheck {
         /// Address of the relay to check.
@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Serve(cfg)) => *cfg,
         Some(Cmd::Healthcheck { bind }) => return healthcheck(bind).await,
         Some(Cmd::Replay(args)) => {
-            let report = chat_relay::bus::kafka::replay(&args)
+            let report = chat_relay::replay::replay(&args)
                 .await
                 .with_context(|| format!("replaying consumer group {}", args.group))?;
             println!(

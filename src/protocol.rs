@@ -242,6 +242,13 @@ pub enum ErrorCode {
     TooManyRooms,
     RoomFull,
     Internal,
+    // Refusals answered as HTTP statuses (upgrade, history, POST, stats).
+    Unauthorized,
+    ForbiddenOrigin,
+    TooManyConnections,
+    ShuttingDown,
+    BadLimit,
+    DbUnavailable,
 }
 
 impl ErrorCode {
@@ -262,6 +269,12 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::RoomFull => "room_full",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ForbiddenOrigin => "forbidden_origin",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::BadLimit => "bad_limit",
+            ErrorCode::DbUnavailable => "db_unavailable",
         }
     }
 }

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use chat_relay::bus::BusKind;
 use chat_relay::bus::MessageBus;
-use chat_relay::bus::kafka::{KafkaBus, KafkaConfig, ReplayArgs, ReplayFrom, replay};
+use chat_relay::bus::kafka::{KafkaBus, KafkaConfig};
 use chat_relay::config::{Config, Role};
 use chat_relay::protocol::RoomId;
+use chat_relay::replay::{ReplayArgs, ReplayFrom, replay};
 use common::app::*;
 
 fn kafka(topic: &str) -> KafkaConfig {
     KafkaConfig {
-        kafka_brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
         kafka_topic: topic.to_string(),
         ..Default::default()
     }

@@ -14,8 +14,6 @@ use common::app::*;
 
 fn rabbit(tag: &str) -> RabbitConfig {
     RabbitConfig {
-        amqp_url: std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         rabbitmq_exchange: format!("app-{tag}"),
         rabbitmq_queue_prefix: format!("app-{tag}."),
         rabbitmq_reconnect_max_ms: 500,

@@ -5,14 +5,16 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_relay::bus::BusConfig;
 use chat_relay::bus::MessageBus;
 use chat_relay::bus::redis::{RedisBus, RedisConfig};
-use chat_relay::config::{BusConfig, Config, Role};
+use chat_relay::config::{Config, Role};
 use chat_relay::protocol::RoomId;
 use common::app::*;
 
 fn url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    // The relay's own default (REDIS_URL or its clap default), written once.
+    RedisConfig::default().redis_url
 }
 
 async fn bus_at(url: &str) -> Arc<dyn MessageBus> {

@@ -6,14 +6,14 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chat_relay::bus::kafka::{KafkaBus, KafkaConfig, ReplayArgs, ReplayFrom, replay};
+use chat_relay::bus::kafka::{KafkaBus, KafkaConfig};
 use chat_relay::bus::{MessageBus, SubscribeOptions};
 use chat_relay::protocol::RoomId;
+use chat_relay::replay::{ReplayArgs, ReplayFrom, replay};
 use common::conformance as c;
 
 fn cfg() -> KafkaConfig {
     KafkaConfig {
-        kafka_brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
         kafka_topic: c::uniq("test-"),
         ..Default::default()
     }

@@ -14,8 +14,6 @@ use common::conformance as c;
 fn cfg() -> RabbitConfig {
     let tag = c::uniq("t");
     RabbitConfig {
-        amqp_url: std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         rabbitmq_exchange: format!("test-{tag}"),
         rabbitmq_queue_prefix: format!("test-{tag}."),
         rabbitmq_reconnect_max_ms: 500,

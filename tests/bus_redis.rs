@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chat_relay::bus::redis::{RedisBus, RedisConfig};
-use chat_relay::bus::{MessageBus, Outgoing, Priority, SubscribeOptions};
+use chat_relay::bus::{Leases, MessageBus, Outgoing, Priority, SubscribeOptions};
 use chat_relay::protocol::RoomId;
 use common::conformance as c;
 use futures::StreamExt;
 
 fn url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    // The relay's own default (REDIS_URL or its clap default), written once.
+    RedisConfig::default().redis_url
 }
 
 async fn bus() -> RedisBus {

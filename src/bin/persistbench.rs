@@ -21,8 +21,9 @@ use bytes::Bytes;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+use chat_relay::bus::BusConfig;
 use chat_relay::bus::{self, Outgoing, Priority};
-use chat_relay::config::{BusConfig, PersistConfig};
+use chat_relay::config::PersistConfig;
 use chat_relay::protocol::{BusEvent, ChatMessage, MessageKind, RoomId};
 use chat_relay::store::Store;
 

@@ -38,14 +38,7 @@ pub struct MemoryConfig {
     pub memory_publish_timeout_ms: u64,
 }
 
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        MemoryConfig {
-            memory_capacity: 65536,
-            memory_publish_timeout_ms: 1000,
-        }
-    }
-}
+crate::default_from_env!(MemoryConfig);
 
 #[derive(Clone)]
 struct Item {

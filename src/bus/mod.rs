@@ -24,6 +24,7 @@
 pub mod kafka;
 pub mod memory;
 pub mod rabbitmq;
+pub mod reconnect;
 pub mod redis;
 
 use std::collections::HashSet;
@@ -313,24 +314,38 @@ pub trait MessageBus: Send + Sync + 'static {
     /// Flushes what is buffered and releases connections (best effort).
     async fn close(&self) {}
 
-    /// For backends whose groups do not compete (Redis Pub/Sub): a lease so
-    /// that only one of the instances running a shared role computes at a time
-    /// (analytics). `true` while `holder` holds `name`; call again before `ttl`
-    /// runs out to keep it. Backends with real consumer groups return `true`:
-    /// the group already splits the work.
-    async fn acquire_lease(
-        &self,
-        _name: &str,
-        _holder: &str,
-        _ttl: std::time::Duration,
-    ) -> Result<bool, BusError> {
-        Ok(true)
-    }
-
-    /// Consumer lag per group where the backend knows it (Kafka), for `/metrics`.
-    async fn lag(&self, _group: &str) -> Option<i64> {
+    /// Optional capability: leases, for backends whose groups do not
+    /// compete (Redis Pub/Sub), so one instance runs a shared role at a time.
+    fn leases(&self) -> Option<&dyn Leases> {
         None
     }
+
+    /// Optional capability: consumer lag per group (Kafka), for `/metrics`.
+    fn consumer_lag(&self) -> Option<&dyn ConsumerLag> {
+        None
+    }
+}
+
+/// A lease on the bus: only its holder runs a shared role (analytics on a bus
+/// whose groups do not compete). Backends with real consumer groups do not
+/// offer it — the group already splits the work.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// `true` while `holder` holds `name`; call again before `ttl` runs out to
+    /// keep it.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, BusError>;
+}
+
+/// How far a consumer group is behind the end of the log.
+#[async_trait]
+pub trait ConsumerLag: Send + Sync {
+    /// Messages not yet consumed by `group`, where the backend can tell.
+    async fn lag(&self, group: &str) -> Option<i64>;
 }
 
 /// Which backend to run, from `BUS`.
@@ -343,8 +358,25 @@ pub enum BusKind {
     Rabbitmq,
 }
 
+/// Bus selection and per-backend settings (flattened into the server's
+/// configuration).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BusConfig {
+    /// Message bus backend.
+    #[arg(long, env = "BUS", value_enum, default_value = "memory")]
+    pub bus: BusKind,
+    #[command(flatten)]
+    pub memory: memory::MemoryConfig,
+    #[command(flatten)]
+    pub redis: redis::RedisConfig,
+    #[command(flatten)]
+    pub kafka: kafka::KafkaConfig,
+    #[command(flatten)]
+    pub rabbitmq: rabbitmq::RabbitConfig,
+}
+
 /// Connects the configured backend.
-pub async fn connect(cfg: &crate::config::BusConfig) -> Result<Arc<dyn MessageBus>, BusError> {
+pub async fn connect(cfg: &BusConfig) -> Result<Arc<dyn MessageBus>, BusError> {
     Ok(match cfg.bus {
         BusKind::Memory => Arc::new(memory::MemoryBus::new(cfg.memory.clone())),
         BusKind::Redis => Arc::new(redis::RedisBus::connect(cfg.redis.clone()).await?),

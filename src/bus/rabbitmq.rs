@@ -43,9 +43,10 @@ use lapin::options::{
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::reconnect::{self, Backoff, SessionEnd};
 use super::{
     Acker, BusError, Capabilities, Delivery, GroupKind, MessageBus, Outgoing, Priority,
     RoomInterest, RoomScope, SubscribeOptions, Subscription,
@@ -99,20 +100,7 @@ pub struct RabbitConfig {
     pub rabbitmq_confirm_timeout_ms: u64,
 }
 
-impl Default for RabbitConfig {
-    fn default() -> Self {
-        RabbitConfig {
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            rabbitmq_exchange: "chat".into(),
-            rabbitmq_queue_prefix: "chat-relay.".into(),
-            rabbitmq_prefetch: 512,
-            rabbitmq_queue_type: QueueType::Classic,
-            rabbitmq_max_priority: 10,
-            rabbitmq_reconnect_max_ms: 5000,
-            rabbitmq_confirm_timeout_ms: 5000,
-        }
-    }
-}
+crate::default_from_env!(RabbitConfig);
 
 /// Routing key of a room.
 pub fn routing_key(room: &RoomId) -> String {
@@ -159,10 +147,6 @@ async fn declare_exchange(ch: &Channel, cfg: &RabbitConfig) -> Result<(), BusErr
     )
     .await
     .map_err(unavailable)
-}
-
-fn backoff(attempt: u32, max_ms: u64) -> Duration {
-    Duration::from_millis((100u64 << attempt.min(10)).min(max_ms.max(100)))
 }
 
 struct Publisher {
@@ -269,8 +253,12 @@ impl RabbitBus {
                         Err(e) => {
                             attempt += 1;
                             tracing::warn!(error = %e, "rabbitmq: publisher reconnect failed");
-                            tokio::time::sleep(backoff(attempt, cfg.rabbitmq_reconnect_max_ms))
-                                .await;
+                            if !Backoff::capped_ms(cfg.rabbitmq_reconnect_max_ms)
+                                .wait(attempt, &closed)
+                                .await
+                            {
+                                return;
+                            }
                         }
                     }
                 }
@@ -533,108 +521,84 @@ impl MessageBus for RabbitBus {
             state: Mutex::new((HashSet::new(), None)),
         });
         let (tx, rx) = mpsc::channel(256);
-        let stop = CancellationToken::new();
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), BusError>>();
-        let (cfg, task_interest, task_stop, closed, args) = (
+        // A child of `closed`: closing the bus stops every subscription.
+        let stop = self.closed.child_token();
+        let args = self.worker_queue_args();
+        let (cfg, connect_interest, pump_interest, pump_stop) = (
             self.cfg.clone(),
             interest.clone(),
+            interest.clone(),
             stop.clone(),
-            self.closed.clone(),
-            self.worker_queue_args(),
         );
-        tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
-            let mut attempt = 0u32;
-            let mut reconnecting = false;
-            loop {
-                if task_stop.is_cancelled() || closed.is_cancelled() {
-                    return;
-                }
-                let (conn, ch, mut consumer) = match start_consumer(
-                    &cfg,
-                    &opts,
-                    &args,
-                    &task_interest,
-                )
-                .await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(Err(e));
-                            return;
+        let (connect_opts, group) = (opts.clone(), opts.group.clone());
+        reconnect::spawn_session(
+            "rabbitmq",
+            format!("consumer {group}"),
+            Backoff::capped_ms(self.cfg.rabbitmq_reconnect_max_ms),
+            stop.clone(),
+            Duration::from_secs(10),
+            move || {
+                let (cfg, opts, args, interest) = (
+                    cfg.clone(),
+                    connect_opts.clone(),
+                    args.clone(),
+                    connect_interest.clone(),
+                );
+                async move { start_consumer(&cfg, &opts, &args, &interest).await }
+            },
+            move |(conn, ch, mut consumer)| {
+                let (tx, interest, stop, opts) = (
+                    tx.clone(),
+                    pump_interest.clone(),
+                    pump_stop.clone(),
+                    opts.clone(),
+                );
+                async move {
+                    let end = loop {
+                        let next = tokio::select! {
+                            _ = stop.cancelled() => break SessionEnd::Stopped,
+                            n = consumer.next() => n,
+                        };
+                        let d = match next {
+                            Some(Ok(d)) => d,
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, group = %opts.group, "rabbitmq: consumer error");
+                                break SessionEnd::Lost;
+                            }
+                            None => break SessionEnd::Lost,
+                        };
+                        let Some(room) = room_of(d.routing_key.as_str()) else {
+                            // Not ours: drop it from the queue.
+                            if opts.kind == GroupKind::Shared {
+                                let _ = d.acker.ack(BasicAckOptions::default()).await;
+                            }
+                            continue;
+                        };
+                        let payload = Bytes::from(d.data);
+                        let delivery = if opts.kind == GroupKind::Shared {
+                            Delivery::new(
+                                room,
+                                payload,
+                                d.redelivered,
+                                Box::new(RabbitAcker { acker: d.acker }),
+                            )
+                        } else {
+                            Delivery::unacked(room, payload)
+                        };
+                        if tx.send(delivery).await.is_err() {
+                            break SessionEnd::Stopped;
                         }
-                        attempt += 1;
-                        tracing::warn!(error = %e, group = %opts.group, "rabbitmq: consumer reconnect failed");
-                        tokio::select! {
-                            _ = task_stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff(attempt, cfg.rabbitmq_reconnect_max_ms)) => continue,
-                        }
-                    }
-                };
-                if reconnecting {
-                    metrics::counter!("bus_reconnects_total", "backend" => "rabbitmq").increment(1);
-                    tracing::info!(group = %opts.group, "rabbitmq: consumer reconnected, topology redeclared");
+                    };
+                    interest.state.lock().await.1 = None;
+                    // Closing the channel hands every unacked delivery back to the queue.
+                    let _ = ch.close(200, "bye").await;
+                    let _ = conn.close(200, "bye").await;
+                    end
                 }
-                attempt = 0;
-                if let Some(r) = ready.take() {
-                    let _ = r.send(Ok(()));
-                }
-                let stopped = loop {
-                    let next = tokio::select! {
-                        _ = task_stop.cancelled() => break true,
-                        _ = closed.cancelled() => break true,
-                        n = consumer.next() => n,
-                    };
-                    let d = match next {
-                        Some(Ok(d)) => d,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, group = %opts.group, "rabbitmq: consumer error");
-                            break false;
-                        }
-                        None => break false,
-                    };
-                    let Some(room) = room_of(d.routing_key.as_str()) else {
-                        // Not ours: drop it from the queue.
-                        if opts.kind == GroupKind::Shared {
-                            let _ = d.acker.ack(BasicAckOptions::default()).await;
-                        }
-                        continue;
-                    };
-                    let payload = Bytes::from(d.data);
-                    let delivery = if opts.kind == GroupKind::Shared {
-                        Delivery::new(
-                            room,
-                            payload,
-                            d.redelivered,
-                            Box::new(RabbitAcker { acker: d.acker }),
-                        )
-                    } else {
-                        Delivery::unacked(room, payload)
-                    };
-                    if tx.send(delivery).await.is_err() {
-                        break true;
-                    }
-                };
-                task_interest.state.lock().await.1 = None;
-                // Closing the channel hands every unacked delivery back to the queue.
-                let _ = ch.close(200, "bye").await;
-                let _ = conn.close(200, "bye").await;
-                if stopped {
-                    return;
-                }
-                reconnecting = true;
-                tracing::warn!(group = %opts.group, "rabbitmq: consumer connection lost, reconnecting");
-            }
-        });
-        match tokio::time::timeout(Duration::from_secs(10), ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Subscription::new(rx, interest, Some(stop.drop_guard()))),
-            Ok(Ok(Err(e))) => Err(e),
-            _ => {
-                stop.cancel();
-                Err(unavailable("subscribe timed out"))
-            }
-        }
+            },
+        )
+        .await?;
+        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())))
     }
 
     async fn ready(&self) -> Result<(), BusError> {

@@ -29,11 +29,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::reconnect::{self, Backoff, SessionEnd};
 use super::{
-    BusError, Capabilities, Delivery, MessageBus, Outgoing, RoomInterest, RoomScope,
+    BusError, Capabilities, Delivery, Leases, MessageBus, Outgoing, RoomInterest, RoomScope,
     SubscribeOptions, Subscription,
 };
 use crate::protocol::{RoomId, RoomKind};
@@ -53,15 +54,7 @@ pub struct RedisConfig {
     pub redis_command_timeout_ms: u64,
 }
 
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            redis_url: "redis://127.0.0.1:6379".into(),
-            redis_reconnect_max_ms: 5000,
-            redis_command_timeout_ms: 1000,
-        }
-    }
-}
+crate::default_from_env!(RedisConfig);
 
 /// The Redis channel of a room.
 pub fn channel(room: &RoomId) -> String {
@@ -256,80 +249,56 @@ impl MessageBus for RedisBus {
             timeout: self.timeout(),
         });
         let (tx, rx) = mpsc::channel(1024);
-        let stop = CancellationToken::new();
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), BusError>>();
-        let (client, task_interest, task_stop, closed) = (
-            self.client.clone(),
-            interest.clone(),
+        // A child of `closed`: closing the bus stops every subscription.
+        let stop = self.closed.child_token();
+        let (client, closed) = (self.client.clone(), self.closed.clone());
+        let (connect_interest, pump_interest, pump_stop) =
+            (interest.clone(), interest.clone(), stop.clone());
+        reconnect::spawn_session(
+            "redis",
+            format!("pub/sub {}", opts.group),
+            Backoff::capped_ms(self.cfg.redis_reconnect_max_ms),
             stop.clone(),
-            self.closed.clone(),
-        );
-        let max_backoff = self.cfg.redis_reconnect_max_ms.max(100);
-        tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
-            let mut attempt: u32 = 0;
-            let mut reconnecting = false;
-            loop {
-                if task_stop.is_cancelled() || closed.is_cancelled() {
-                    break;
-                }
-                let mut stream = match connect_pubsub(&client, &task_interest).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(Err(e));
-                            break;
-                        }
-                        attempt += 1;
-                        let wait = (100u64 << attempt.min(10)).min(max_backoff);
-                        tracing::warn!(error = %e, wait_ms = wait, "redis pub/sub: reconnect failed");
-                        tokio::select! {
-                            _ = task_stop.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(wait)) => continue,
-                        }
-                    }
-                };
-                if reconnecting {
-                    metrics::counter!("bus_reconnects_total", "backend" => "redis").increment(1);
-                    tracing::info!("redis pub/sub: reconnected and re-subscribed");
-                }
-                attempt = 0;
-                if let Some(r) = ready.take() {
-                    let _ = r.send(Ok(()));
-                }
-                loop {
-                    let msg = tokio::select! {
-                        _ = task_stop.cancelled() => return,
-                        _ = closed.cancelled() => return,
-                        m = stream.next() => m,
-                    };
-                    let Some(msg) = msg else { break };
-                    let Some(room) = room_of(msg.get_channel_name()) else {
-                        continue;
-                    };
-                    let d =
-                        Delivery::unacked(room, Bytes::copy_from_slice(msg.get_payload_bytes()));
-                    if tx.send(d).await.is_err() {
-                        return;
-                    }
-                }
-                // The connection is gone: forget its sink so add_room reports
-                // the outage, and reconnect.
-                task_interest.state.lock().await.1 = None;
-                tracing::warn!(
-                    "redis pub/sub: connection lost; messages published until it is back are lost"
+            self.timeout() * 5,
+            move || {
+                let (client, interest) = (client.clone(), connect_interest.clone());
+                async move { connect_pubsub(&client, &interest).await }
+            },
+            move |mut stream| {
+                let (tx, interest, stop, closed) = (
+                    tx.clone(),
+                    pump_interest.clone(),
+                    pump_stop.clone(),
+                    closed.clone(),
                 );
-                reconnecting = true;
-            }
-        });
-        match tokio::time::timeout(self.timeout() * 5, ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Subscription::new(rx, interest, Some(stop.drop_guard()))),
-            Ok(Ok(Err(e))) => Err(e),
-            _ => {
-                stop.cancel();
-                Err(unavailable("subscribe timed out"))
-            }
-        }
+                async move {
+                    loop {
+                        let msg = tokio::select! {
+                            _ = stop.cancelled() => return SessionEnd::Stopped,
+                            _ = closed.cancelled() => return SessionEnd::Stopped,
+                            m = stream.next() => m,
+                        };
+                        let Some(msg) = msg else { break };
+                        let Some(room) = room_of(msg.get_channel_name()) else {
+                            continue;
+                        };
+                        let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
+                        if tx.send(Delivery::unacked(room, payload)).await.is_err() {
+                            return SessionEnd::Stopped;
+                        }
+                    }
+                    // The connection is gone: forget its sink so add_room
+                    // reports the outage until the reconnect re-subscribes.
+                    interest.state.lock().await.1 = None;
+                    tracing::warn!(
+                        "redis pub/sub: connection lost; messages published until it is back are lost"
+                    );
+                    SessionEnd::Lost
+                }
+            },
+        )
+        .await?;
+        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())))
     }
 
     async fn ready(&self) -> Result<(), BusError> {
@@ -348,6 +317,13 @@ impl MessageBus for RedisBus {
         self.closed.cancel();
     }
 
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Leases for RedisBus {
     async fn acquire_lease(
         &self,
         name: &str,

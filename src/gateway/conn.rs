@@ -8,15 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
+use super::Gateway;
 use super::rooms::{ConnId, EnterError, Frame};
-use crate::app::AppState;
 use crate::auth::{ConnSlot, RoomPolicy};
-use crate::bus::{Outgoing, Priority};
+use crate::bus::Priority;
 use crate::protocol::{
     BusEvent, ClientFrame, ErrorCode, PresenceEvent, RoomId, ServerFrame, decode_client_frame,
     error_frame,
@@ -37,7 +36,7 @@ struct Conn {
     kick: CancellationToken,
     joined: HashMap<RoomId, ()>,
     rooms_allowed: RoomPolicy,
-    state: AppState,
+    gw: Arc<Gateway>,
 }
 
 fn text(s: String) -> Frame {
@@ -66,24 +65,16 @@ impl Conn {
             room: room.clone(),
             user: self.user.to_string(),
             event,
-            instance: Some(self.state.instance.clone()),
+            instance: Some(self.gw.instance.clone()),
         };
-        let out = Outgoing {
-            room: room.clone(),
-            payload: Bytes::from(ev.to_json()),
-            priority: Priority::System,
-        };
-        let timeout = self.state.cfg.limits.publish_timeout();
-        match tokio::time::timeout(timeout, self.state.bus.publish(out)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "presence not published"),
-            Err(_) => tracing::debug!("presence publish timed out"),
+        if let Err(e) = self.gw.publish(&ev, Priority::System).await {
+            tracing::debug!(error = %e, "presence not published");
         }
     }
 
     async fn join(&mut self, room: RoomId, since: Option<String>) {
-        let limits = self.state.cfg.clone();
-        let limits = &limits.limits;
+        let gw = self.gw.clone();
+        let limits = &gw.limits;
         if self.joined.contains_key(&room) {
             // Re-join: answer again so clients can use it to resync, but do not
             // register twice.
@@ -108,7 +99,7 @@ impl Conn {
             return;
         }
         let ticket = match self
-            .state
+            .gw
             .rooms
             .enter(
                 &room,
@@ -141,8 +132,18 @@ impl Conn {
             }
         };
         self.joined.insert(room.clone(), ());
-        let (history, recovered) = self.history(&room, since.as_deref(), ticket.recent).await;
-        let members = self.state.rooms.members(&room);
+        let super::recovery::Recovery {
+            frames: history,
+            recovered,
+        } = super::recovery::history(
+            &self.gw.store,
+            &room,
+            since.as_deref(),
+            ticket.recent,
+            self.gw.limits.history_on_join,
+        )
+        .await;
+        let members = self.gw.rooms.members(&room);
         self.push(text(
             ServerFrame::Joined {
                 room: &room,
@@ -158,73 +159,13 @@ impl Conn {
             }
             self.push(f);
         }
-        self.state.rooms.release(&room, self.id, &sent);
+        self.gw.rooms.release(&room, self.id, &sent);
         self.publish_presence(&room, PresenceEvent::Join).await;
-    }
-
-    /// History to send after `joined`: the messages after `since` (recovery) or
-    /// the latest ones, merged from the DB and this instance's recent ring (the
-    /// ring covers what the persistence worker has not written yet).
-    async fn history(
-        &self,
-        room: &RoomId,
-        since: Option<&str>,
-        recent: Vec<Frame>,
-    ) -> (Vec<Frame>, bool) {
-        let limit = self.state.cfg.limits.history_on_join.max(1);
-        let store = &self.state.store;
-        let mut by_id: std::collections::BTreeMap<Arc<str>, Frame> = recent
-            .into_iter()
-            .filter_map(|f| f.id.clone().map(|id| (id, f)))
-            .collect();
-        let ring_has_since = since.is_some_and(|s| by_id.contains_key(s));
-        let ring_oldest = by_id.keys().next().cloned();
-        let db = match since {
-            Some(s) => store.after(room, s, limit + 1).await,
-            None => store.history(room, None, limit).await,
-        };
-        let db_rows = match db {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::warn!(error = %e, %room, "history unavailable");
-                Vec::new()
-            }
-        };
-        let mut db_ok = true;
-        for m in db_rows {
-            let id: Arc<str> = Arc::from(m.id.as_str());
-            by_id.entry(id.clone()).or_insert_with(|| Frame {
-                id: Some(id),
-                text: Utf8Bytes::from(BusEvent::Message(m).to_json()),
-            });
-        }
-        let recovered = match since {
-            None => false,
-            Some(s) => {
-                by_id.retain(|k, _| &**k > s);
-                let known = ring_has_since
-                    || match store.has_message(room, s).await {
-                        Ok(found) => found,
-                        Err(_) => {
-                            db_ok = false;
-                            false
-                        }
-                    }
-                    // The ring starts at or before `since`: nothing can be missing.
-                    || ring_oldest.as_deref().is_some_and(|o| o <= s);
-                known && db_ok && by_id.len() as i64 <= limit
-            }
-        };
-        let mut frames: Vec<Frame> = by_id.into_values().collect();
-        if frames.len() as i64 > limit {
-            frames.drain(..frames.len() - limit as usize);
-        }
-        (frames, recovered)
     }
 
     async fn leave_inner(&mut self, room: &RoomId) {
         if self.joined.remove(room).is_some() {
-            self.state.rooms.remove(room, self.id).await;
+            self.gw.rooms.remove(room, self.id).await;
             self.publish_presence(room, PresenceEvent::Leave).await;
         }
     }
@@ -247,7 +188,11 @@ impl Conn {
             );
             return;
         }
-        match super::publish_chat(&self.state, room, self.user.to_string(), body).await {
+        match self
+            .gw
+            .publish_chat(room, self.user.to_string(), body)
+            .await
+        {
             Ok(id) => self.push(text(
                 ServerFrame::Ack {
                     cid: cid.as_deref(),
@@ -265,7 +210,7 @@ impl Conn {
 pub async fn serve(
     socket: WebSocket,
     user: Result<(String, RoomPolicy), String>,
-    state: AppState,
+    gw: Arc<Gateway>,
     slot: ConnSlot,
 ) {
     // Held for the life of the connection: frees the per-IP slot on return.
@@ -288,7 +233,7 @@ pub async fn serve(
             return;
         }
     };
-    let limits = state.cfg.limits.clone();
+    let limits = gw.limits.clone();
     // flume rather than tokio's mpsc: its queue starts empty and grows to
     // what is actually queued, where tokio allocates a 32-slot block (~1.6
     // KB) up front — in every idle connection (BENCHMARKS.md).
@@ -299,14 +244,14 @@ pub async fn serve(
     // its `cancelled()` future once, not once per frame: the writer wakes for
     // every delivery, and re-registering several waiters per wake showed up in
     // profiles.
-    let kick = state.shutdown.child_token();
+    let kick = gw.shutdown.child_token();
     let oversize = Arc::new(AtomicBool::new(false));
     metrics::gauge!("ws_connections").increment(1.0);
-    state.connections.fetch_add(1, Ordering::Relaxed);
+    gw.connections.fetch_add(1, Ordering::Relaxed);
 
     // Writer: drains the queue, batching queued frames into one flush.
     let (writer_kick, writer_oversize, shutdown) =
-        (kick.clone(), oversize.clone(), state.shutdown.clone());
+        (kick.clone(), oversize.clone(), gw.shutdown.clone());
     let writer = tokio::spawn(async move {
         let close = || {
             let (code, reason) = if writer_oversize.load(Ordering::Relaxed) {
@@ -358,7 +303,7 @@ pub async fn serve(
         kick: kick.clone(),
         joined: HashMap::new(),
         rooms_allowed,
-        state: state.clone(),
+        gw: gw.clone(),
     };
     let per_sec = NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(limits.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
@@ -422,5 +367,5 @@ pub async fn serve(
     // The writer ends once every queue sender is gone (or it sent a close).
     let _ = writer.await;
     metrics::gauge!("ws_connections").decrement(1.0);
-    state.connections.fetch_sub(1, Ordering::Relaxed);
+    gw.connections.fetch_sub(1, Ordering::Relaxed);
 }

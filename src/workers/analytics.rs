@@ -15,8 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::{backoff, next_batch};
-use crate::bus::{MessageBus, Outgoing, Priority, SubscribeOptions};
+use super::{next_batch, retry_backoff};
+use crate::bus::reconnect::resubscribe_loop;
+use crate::bus::{Delivery, Leases, MessageBus, Outgoing, Priority, SubscribeOptions};
 use crate::config::AnalyticsConfig;
 use crate::protocol::{BusEvent, ChatMessage, MessageKind};
 use crate::store::{FloodFlag, Store};
@@ -33,123 +34,160 @@ pub async fn run(
     ready: tokio::sync::watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    let needs_lease = !bus.capabilities().competing_consumers;
-    let lease = format!("analytics:{}", cfg.group);
-    let mut attempt = 0;
-    let mut last_prune = std::time::Instant::now();
+    // Groups that do not compete would count every message once per
+    // instance: take the bus's lease first where it offers one.
+    let lease = (!bus.capabilities().competing_consumers)
+        .then(|| bus.leases())
+        .flatten()
+        .map(|l| Lease {
+            leases: l,
+            name: format!("analytics:{}", cfg.group),
+            holder: holder.clone(),
+        });
+    let last_prune = std::sync::Mutex::new(std::time::Instant::now());
     while !shutdown.is_cancelled() {
-        if needs_lease {
-            match bus.acquire_lease(&lease, &holder, LEASE_TTL).await {
+        if let Some(lease) = &lease {
+            match lease.renew().await {
                 Ok(true) => {}
-                Ok(false) => {
-                    // Another instance computes: standing by is healthy.
-                    let _ = ready.send(true);
-                    tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(LEASE_TTL / 3) => {} }
-                    continue;
-                }
-                Err(_) => {
-                    let _ = ready.send(false);
+                standby => {
+                    // Another instance computes (healthy), or the bus is down.
+                    let _ = ready.send(matches!(standby, Ok(false)));
                     tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(LEASE_TTL / 3) => {} }
                     continue;
                 }
             }
         }
-        let mut sub = match bus
-            .subscribe(SubscribeOptions::shared(cfg.group.clone()))
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                attempt += 1;
-                let _ = ready.send(false);
-                tracing::warn!(error = %e, "analytics: subscribe failed, retrying");
-                tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(backoff(attempt)) => {} }
-                continue;
-            }
-        };
-        attempt = 0;
-        let _ = ready.send(true);
-        tracing::info!(group = %cfg.group, lease = needs_lease, "analytics worker subscribed");
-        let mut lease_checked = std::time::Instant::now();
-        loop {
-            let Some(batch) = next_batch(
-                &mut sub,
-                1000,
-                Duration::from_millis(cfg.flush_ms),
-                &shutdown,
-            )
-            .await
-            else {
-                break;
-            };
-            if !batch.is_empty() {
-                let msgs: Vec<ChatMessage> = batch
-                    .iter()
-                    .filter_map(|d| match serde_json::from_slice::<BusEvent>(&d.payload) {
-                        Ok(BusEvent::Message(m)) => Some(m),
-                        _ => None,
-                    })
-                    .collect();
-                let mut attempt = 0;
-                let flags = loop {
-                    match store
-                        .apply_analytics(&msgs, i64::from(cfg.flood_max_per_min))
+        resubscribe_loop(
+            "analytics",
+            bus.as_ref(),
+            SubscribeOptions::shared(cfg.group.clone()),
+            &ready,
+            &shutdown,
+            |mut sub| {
+                let (store, cfg, shutdown, bus, ids) = (
+                    store.clone(),
+                    cfg.clone(),
+                    shutdown.clone(),
+                    bus.clone(),
+                    ids.clone(),
+                );
+                let (lease, last_prune) = (lease.as_ref(), &last_prune);
+                async move {
+                    let mut lease_checked = std::time::Instant::now();
+                    loop {
+                        let Some(batch) = next_batch(
+                            &mut sub,
+                            1000,
+                            Duration::from_millis(cfg.flush_ms),
+                            &shutdown,
+                        )
                         .await
-                    {
-                        Ok(f) => break Some(f),
-                        Err(e) => {
-                            attempt += 1;
-                            tracing::warn!(error = %e, "analytics: batch failed, retrying");
-                            if shutdown.is_cancelled() && attempt > 3 {
-                                break None;
+                        else {
+                            return true;
+                        };
+                        if !batch.is_empty() {
+                            count_batch(bus.as_ref(), &store, &cfg, &ids, batch, &shutdown).await;
+                        }
+                        if shutdown.is_cancelled() {
+                            return false;
+                        }
+                        let prune_due = last_prune
+                            .lock()
+                            .map(|mut t| {
+                                let due = t.elapsed() > Duration::from_secs(60);
+                                if due {
+                                    *t = std::time::Instant::now();
+                                }
+                                due
+                            })
+                            .unwrap_or(false);
+                        if prune_due && let Err(e) = store.prune_activity().await {
+                            tracing::warn!(error = %e, "analytics: prune failed");
+                        }
+                        if let Some(lease) = lease
+                            && lease_checked.elapsed() > LEASE_TTL / 3
+                        {
+                            lease_checked = std::time::Instant::now();
+                            if !matches!(lease.renew().await, Ok(true)) {
+                                tracing::warn!("analytics: lease lost, standing by");
+                                return false;
                             }
-                            tokio::time::sleep(backoff(attempt)).await;
-                        }
-                    }
-                };
-                match flags {
-                    Some(flags) => {
-                        metrics::counter!("analytics_messages_total").increment(msgs.len() as u64);
-                        for d in batch {
-                            let _ = d.ack().await;
-                        }
-                        for f in flags {
-                            metrics::counter!("flood_flags_total").increment(1);
-                            tracing::info!(room = %f.room, user = %f.user, rate = f.rate, "flood detected");
-                            if cfg.flood_warnings {
-                                announce_flood(bus.as_ref(), &ids, &f).await;
-                            }
-                        }
-                    }
-                    None => {
-                        for d in batch {
-                            let _ = d.nack().await;
                         }
                     }
                 }
-            }
-            if shutdown.is_cancelled() {
-                break;
-            }
-            if last_prune.elapsed() > Duration::from_secs(60) {
-                last_prune = std::time::Instant::now();
-                if let Err(e) = store.prune_activity().await {
-                    tracing::warn!(error = %e, "analytics: prune failed");
-                }
-            }
-            if needs_lease && lease_checked.elapsed() > LEASE_TTL / 3 {
-                lease_checked = std::time::Instant::now();
-                if !matches!(
-                    bus.acquire_lease(&lease, &holder, LEASE_TTL).await,
-                    Ok(true)
-                ) {
-                    tracing::warn!("analytics: lease lost, standing by");
-                    break;
-                }
-            }
-        }
+            },
+        )
+        .await;
     }
     tracing::info!("analytics worker stopped");
+}
+
+/// This instance's claim on the analytics lease.
+struct Lease<'a> {
+    leases: &'a dyn Leases,
+    name: String,
+    holder: String,
+}
+
+impl Lease<'_> {
+    async fn renew(&self) -> Result<bool, crate::bus::BusError> {
+        self.leases
+            .acquire_lease(&self.name, &self.holder, LEASE_TTL)
+            .await
+    }
+}
+
+/// Counts one batch (retrying the transaction until it commits or shutdown),
+/// acks it after the commit, and announces new flood flags.
+async fn count_batch(
+    bus: &dyn MessageBus,
+    store: &Store,
+    cfg: &AnalyticsConfig,
+    ids: &crate::ids::IdGen,
+    batch: Vec<Delivery>,
+    shutdown: &CancellationToken,
+) {
+    let msgs: Vec<ChatMessage> = batch
+        .iter()
+        .filter_map(|d| match serde_json::from_slice::<BusEvent>(&d.payload) {
+            Ok(BusEvent::Message(m)) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let mut attempt = 0;
+    let flags = loop {
+        match store
+            .apply_analytics(&msgs, i64::from(cfg.flood_max_per_min))
+            .await
+        {
+            Ok(f) => break Some(f),
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, "analytics: batch failed, retrying");
+                if shutdown.is_cancelled() && attempt > 3 {
+                    break None;
+                }
+                tokio::time::sleep(retry_backoff().delay(attempt)).await;
+            }
+        }
+    };
+    let Some(flags) = flags else {
+        for d in batch {
+            let _ = d.nack().await;
+        }
+        return;
+    };
+    metrics::counter!("analytics_messages_total").increment(msgs.len() as u64);
+    for d in batch {
+        let _ = d.ack().await;
+    }
+    for f in flags {
+        metrics::counter!("flood_flags_total").increment(1);
+        tracing::info!(room = %f.room, user = %f.user, rate = f.rate, "flood detected");
+        if cfg.flood_warnings {
+            announce_flood(bus, ids, &f).await;
+        }
+    }
 }
 
 async fn announce_flood(bus: &dyn MessageBus, ids: &crate::ids::IdGen, f: &FloodFlag) {

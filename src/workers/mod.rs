@@ -1,11 +1,10 @@
-//! Consumer-group workers. Each is a separate role with its own consumer group,
-//! so it can be scaled or stopped independently of the gateway:
-//! * [`live`] — group per instance; pushes every message to this instance's sockets.
+//! Consumer-group workers behind the bus. Each is a separate role with its own
+//! shared consumer group, so it can be scaled or stopped independently of the
+//! gateway (whose live delivery lives in [`crate::gateway::live`]):
 //! * [`persist`] — shared group `db-writer`; batched, idempotent DB writes, ack after commit.
 //! * [`analytics`] — shared group `analytics`; room rates, active users, top talkers, flood flags.
 
 pub mod analytics;
-pub mod live;
 pub mod persist;
 
 use std::time::Duration;
@@ -55,8 +54,7 @@ pub(crate) async fn next_batch(
     Some(batch)
 }
 
-/// Exponential backoff with a cap, for re-subscribing and DB retries.
-pub(crate) fn backoff(attempt: u32) -> Duration {
-    let ms = 100u64.saturating_mul(1 << attempt.min(6));
-    Duration::from_millis(ms.min(5_000))
+/// The wait between DB retries of a batch (the relay's one backoff schedule).
+pub(crate) fn retry_backoff() -> crate::bus::reconnect::Backoff {
+    crate::bus::reconnect::Backoff::capped_ms(5_000)
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{backoff, next_batch};
+use super::{next_batch, retry_backoff};
+use crate::bus::reconnect::resubscribe_loop;
 use crate::bus::{Delivery, MessageBus, SubscribeOptions};
 use crate::config::PersistConfig;
 use crate::protocol::{BusEvent, ChatMessage};
@@ -22,41 +23,34 @@ pub async fn run(
     ready: tokio::sync::watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    let backend = bus.backend();
-    let mut attempt = 0;
-    while !shutdown.is_cancelled() {
-        let mut sub = match bus
-            .subscribe(SubscribeOptions::shared(cfg.group.clone()))
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = ready.send(false);
-                tracing::warn!(error = %e, group = %cfg.group, "persistence: subscribe failed, retrying");
-                attempt += 1;
-                tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(backoff(attempt)) => {} }
-                continue;
+    let wait = Duration::from_millis(cfg.batch_wait_ms);
+    resubscribe_loop(
+        "persistence",
+        bus.as_ref(),
+        SubscribeOptions::shared(cfg.group.clone()),
+        &ready,
+        &shutdown,
+        |mut sub| {
+            let (store, shutdown, batch_size) = (store.clone(), shutdown.clone(), cfg.batch_size);
+            async move {
+                loop {
+                    let Some(batch) = next_batch(&mut sub, batch_size, wait, &shutdown).await
+                    else {
+                        tracing::warn!("persistence: subscription ended, re-subscribing");
+                        return true;
+                    };
+                    if batch.is_empty() {
+                        return false; // shutdown with nothing in flight
+                    }
+                    write_batch(&store, batch, &shutdown).await;
+                    if shutdown.is_cancelled() {
+                        return false;
+                    }
+                }
             }
-        };
-        attempt = 0;
-        let _ = ready.send(true);
-        tracing::info!(group = %cfg.group, backend, "persistence worker subscribed");
-        let wait = Duration::from_millis(cfg.batch_wait_ms);
-        loop {
-            let Some(batch) = next_batch(&mut sub, cfg.batch_size, wait, &shutdown).await else {
-                tracing::warn!("persistence: subscription ended, re-subscribing");
-                break;
-            };
-            if batch.is_empty() {
-                break; // shutdown with nothing in flight
-            }
-            write_batch(&store, batch, &shutdown).await;
-            if shutdown.is_cancelled() {
-                break;
-            }
-        }
-    }
-    tracing::info!("persistence worker stopped");
+        },
+    )
+    .await;
 }
 
 /// Writes one batch, retrying the transaction until it commits (or shutdown),
@@ -105,7 +99,7 @@ async fn write_batch(store: &Store, batch: Vec<Delivery>, shutdown: &Cancellatio
                     }
                     return;
                 }
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(retry_backoff().delay(attempt)).await;
             }
         }
     }

@@ -1,0 +1,204 @@
+//! `chat-relay replay`: the admin command that rewinds a stopped Kafka
+//! consumer group, so its restarted workers reprocess the log (rebuild the DB,
+//! recount analytics). It is not part of the message path: the relay itself
+//! never rewinds a group. Only Kafka keeps a log to replay; the other backends
+//! say so in their capabilities.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::bus::BusError;
+use crate::bus::kafka::{KafkaConfig, plain_consumer, unavailable};
+
+/// Where `chat-relay replay` rewinds a group to.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "replay_from", required = true, multiple = false)]
+pub struct ReplayFrom {
+    /// Rewind every partition to its first retained message.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Rewind the listed partitions to the given offsets: `0:120,5:7`.
+    #[arg(long)]
+    pub from_offset: Option<String>,
+    /// Rewind every partition to the first message at or after this time (RFC 3339).
+    #[arg(long)]
+    pub from_time: Option<String>,
+}
+
+/// `chat-relay replay`: rewinds a stopped consumer group.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// The consumer group to rewind (e.g. db-writer or analytics). It must be stopped.
+    #[arg(long)]
+    pub group: String,
+    #[command(flatten)]
+    pub from: ReplayFrom,
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// What a replay changed: partition → (old committed offset, new offset).
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    pub partitions: Vec<(i32, Option<i64>, i64)>,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (p, old, new) in &self.partitions {
+            let old = old.map(|o| o.to_string()).unwrap_or_else(|| "none".into());
+            writeln!(f, "partition {p}: {old} -> {new}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Rewinds `args.group`'s committed offsets. Fails with a clear message when
+/// the group has active members: a running consumer would overwrite the
+/// rewound offsets with its own on its next commit.
+pub async fn replay(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
+    let args = args.clone();
+    tokio::task::spawn_blocking(move || replay_blocking(&args))
+        .await
+        .map_err(unavailable)?
+}
+
+fn replay_blocking(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
+    let cfg = &args.kafka;
+    let t = Duration::from_secs(5);
+    let c = plain_consumer(cfg, &args.group)?;
+    let listed = c.fetch_group_list(Some(&args.group), t);
+    match &listed {
+        Ok(g) => tracing::debug!(
+            groups = ?g.groups().iter().map(|g| (g.name().to_string(), g.state().to_string(), g.members().len())).collect::<Vec<_>>(),
+            "replay: group list"
+        ),
+        Err(e) => tracing::debug!(error = %e, "replay: group list unavailable"),
+    }
+    if let Ok(groups) = listed
+        && let Some(g) = groups.groups().iter().find(|g| g.name() == args.group)
+        && !g.members().is_empty()
+    {
+        return Err(BusError::Rejected(format!(
+            "consumer group {} is active ({} members, state {}): stop the workers of this group first, then replay",
+            args.group,
+            g.members().len(),
+            g.state()
+        )));
+    }
+    let md = c
+        .fetch_metadata(Some(&cfg.kafka_topic), t)
+        .map_err(unavailable)?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|tp| tp.partitions().iter().map(|p| p.id()))
+        .collect();
+    if parts.is_empty() {
+        return Err(BusError::Config(format!(
+            "topic {} has no partitions",
+            cfg.kafka_topic
+        )));
+    }
+    let mut all = TopicPartitionList::new();
+    for p in &parts {
+        all.add_partition(&cfg.kafka_topic, *p);
+    }
+    let old: HashMap<i32, Option<i64>> = c
+        .committed_offsets(all.clone(), t)
+        .map_err(unavailable)?
+        .elements()
+        .iter()
+        .map(|e| {
+            (
+                e.partition(),
+                match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            )
+        })
+        .collect();
+    let mut target: Vec<(i32, i64)> = Vec::new();
+    if args.from.from_beginning {
+        for p in &parts {
+            let (low, _) = c
+                .fetch_watermarks(&cfg.kafka_topic, *p, t)
+                .map_err(unavailable)?;
+            target.push((*p, low));
+        }
+    } else if let Some(list) = &args.from.from_offset {
+        for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+            let (p, o) = item.trim().split_once(':').ok_or_else(|| {
+                BusError::Config(format!(
+                    "bad --from-offset item {item:?}: want partition:offset"
+                ))
+            })?;
+            let p: i32 = p
+                .parse()
+                .map_err(|_| BusError::Config(format!("bad partition in {item:?}")))?;
+            let o: i64 = o
+                .parse()
+                .map_err(|_| BusError::Config(format!("bad offset in {item:?}")))?;
+            if !parts.contains(&p) {
+                return Err(BusError::Config(format!("partition {p} does not exist")));
+            }
+            target.push((p, o));
+        }
+    } else if let Some(ts) = &args.from.from_time {
+        let at = chrono::DateTime::parse_from_rfc3339(ts)
+            .map_err(|e| BusError::Config(format!("--from-time: {e}")))?
+            .timestamp_millis();
+        let mut q = TopicPartitionList::new();
+        for p in &parts {
+            q.add_partition_offset(&cfg.kafka_topic, *p, Offset::Offset(at))
+                .map_err(unavailable)?;
+        }
+        let found = c.offsets_for_times(q, t).map_err(unavailable)?;
+        for e in found.elements() {
+            let o = match e.offset() {
+                Offset::Offset(o) => o,
+                // No message at or after that time: start at the end.
+                _ => {
+                    c.fetch_watermarks(&cfg.kafka_topic, e.partition(), t)
+                        .map_err(unavailable)?
+                        .1
+                }
+            };
+            target.push((e.partition(), o));
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &target {
+        tpl.add_partition_offset(&cfg.kafka_topic, *p, Offset::Offset(*o))
+            .map_err(unavailable)?;
+    }
+    c.commit(&tpl, CommitMode::Sync).map_err(|e| match e {
+        KafkaError::ConsumerCommit(code)
+            if matches!(
+                code,
+                RDKafkaErrorCode::UnknownMemberId
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::RebalanceInProgress
+            ) =>
+        {
+            BusError::Rejected(format!(
+                "consumer group {} is active: stop its workers first, then replay ({code})",
+                args.group
+            ))
+        }
+        e => unavailable(e),
+    })?;
+    let mut report = ReplayReport::default();
+    target.sort();
+    for (p, o) in target {
+        report
+            .partitions
+            .push((p, old.get(&p).copied().flatten(), o));
+    }
+    Ok(report)
+}
