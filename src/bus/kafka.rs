@@ -40,6 +40,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::reconnect::Backoff;
 use super::{
     Acker, AllRooms, BusError, Capabilities, ConsumerLag, Delivery, GroupKind, LocalRooms,
     MessageBus, Outgoing, RoomInterest, RoomScope, SubscribeOptions, Subscription,
@@ -371,10 +372,13 @@ impl MessageBus for KafkaBus {
                     if attempt >= self.cfg.kafka_publish_retries {
                         return Err(unavailable(e));
                     }
-                    let wait = self.cfg.kafka_publish_backoff_ms << attempt;
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "kafka publish failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    let backoff = Backoff {
+                        first: Duration::from_millis(self.cfg.kafka_publish_backoff_ms),
+                        max: Duration::from_millis(u64::from(self.cfg.kafka_message_timeout_ms)),
+                    };
+                    tokio::time::sleep(backoff.delay(attempt)).await;
                 }
             }
         }
