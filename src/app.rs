@@ -93,6 +93,24 @@ impl Application {
                 shutdown.clone(),
             ));
         }
+        if cfg.has_role(Role::Gateway) {
+            // `send` dedupe claims live for the window, then go: the table
+            // holds at most one window of sends.
+            let (store, stop) = (store.clone(), shutdown.clone());
+            let window = cfg.limits.send_dedupe_window_ms as i64;
+            workers.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    if let Err(e) = store.prune_sends(window).await {
+                        tracing::warn!(error = %e, "send dedupe: prune failed");
+                    }
+                }
+            });
+        }
         if cfg.has_role(Role::Persist) {
             let (tx, rx) = tokio::sync::watch::channel(false);
             role_ready.push(("persist", rx));

@@ -103,6 +103,14 @@ pub struct Limits {
     /// How long a publish may take before the client gets `bus_unavailable` (ms).
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
+    /// How long a join with a cursor waits for missed messages the db-writer
+    /// has not stored yet before answering `recovered:false` (ms).
+    #[arg(long, env = "RECOVERY_WAIT_MS", default_value_t = 5000)]
+    pub recovery_wait_ms: u64,
+    /// How long a `send`'s `cid` is remembered per user and room: a retry
+    /// within it gets the original `ack` instead of a second message (ms).
+    #[arg(long, env = "SEND_DEDUPE_WINDOW_MS", default_value_t = 600_000)]
+    pub send_dedupe_window_ms: u64,
 }
 
 impl Limits {
@@ -162,6 +170,16 @@ pub struct AnalyticsConfig {
         default_value = "analytics"
     )]
     pub group: String,
+    /// How long counted message ids are kept to make counting exactly-once
+    /// (ms). A redelivery or replay of a message counted longer ago than this
+    /// is counted again; the default matches `KAFKA_RETENTION_MS`, as far
+    /// back as a replay can reach.
+    #[arg(
+        long,
+        env = "ANALYTICS_DEDUPE_WINDOW_MS",
+        default_value_t = 604_800_000
+    )]
+    pub dedupe_window_ms: u64,
     /// Publish a system message into the room when a user is flagged.
     #[arg(long, env = "FLOOD_WARNINGS", default_value_t = true, action = clap::ArgAction::Set)]
     pub flood_warnings: bool,

@@ -409,12 +409,12 @@ async fn post_message(
             "text is too long",
         );
     }
-    match state.gateway.publish_chat(room, user, body.text).await {
+    match state
+        .gateway
+        .publish_chat(room, user, body.text, None)
+        .await
+    {
         Ok(id) => (StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response(),
-        Err(message) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::BusUnavailable,
-            &message,
-        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.code(), &e.to_string()),
     }
 }

@@ -108,7 +108,12 @@ pub fn valid_user(name: &str) -> bool {
 pub enum ClientFrame {
     Join {
         room: RoomId,
+        /// The last message id the client saw in this room.
         since: Option<String>,
+        /// The room position (`seq`) of that message, with the `epoch` the
+        /// server reported in `joined`: the cursor recovery proves gaps with.
+        since_seq: Option<i64>,
+        epoch: Option<String>,
     },
     Leave {
         room: RoomId,
@@ -128,6 +133,8 @@ struct RawFrame {
     kind: Option<String>,
     room: Option<String>,
     since: Option<String>,
+    since_seq: Option<serde_json::Value>,
+    epoch: Option<String>,
     text: Option<String>,
     cid: Option<serde_json::Value>,
 }
@@ -195,7 +202,29 @@ pub fn decode_client_frame(raw: &str, max_text: usize) -> Result<ClientFrame, Fr
             if since.as_ref().is_some_and(|s| s.len() > MAX_SINCE) {
                 return Err(err(ErrorCode::BadFrame, "since is too long", cid));
             }
-            Ok(ClientFrame::Join { room, since })
+            let since_seq = match f.since_seq {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => match v.as_i64() {
+                    Some(n) if n >= 0 => Some(n),
+                    _ => {
+                        return Err(err(
+                            ErrorCode::BadFrame,
+                            "since_seq must be a non-negative integer",
+                            cid,
+                        ));
+                    }
+                },
+            };
+            let epoch = f.epoch.filter(|e| !e.is_empty());
+            if epoch.as_ref().is_some_and(|e| e.len() > MAX_SINCE) {
+                return Err(err(ErrorCode::BadFrame, "epoch is too long", cid));
+            }
+            Ok(ClientFrame::Join {
+                room,
+                since,
+                since_seq,
+                epoch,
+            })
         }
         "leave" => Ok(ClientFrame::Leave { room: room(&cid)? }),
         "send" => {
@@ -314,6 +343,10 @@ pub struct ChatMessage {
     pub text: String,
     pub ts: i64,
     pub kind: MessageKind,
+    /// The message's position in its room (see `Store::next_seq`): ordered
+    /// per room across instances; absent on rows stored before cursors existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
 }
 
 /// `join` / `leave` in a presence event.
@@ -362,6 +395,12 @@ pub enum ServerFrame<'a> {
         room: &'a RoomId,
         members: Vec<String>,
         recovered: bool,
+        /// The room's cursor epoch and last position at the time of the join
+        /// (absent while the room has no message yet).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<i64>,
     },
     Left {
         room: &'a RoomId,
@@ -446,9 +485,11 @@ mod tests {
             text: "<b>hi</b>".into(),
             ts: 1,
             kind: MessageKind::Chat,
+            seq: Some(7),
         });
         let j = m.to_json();
         assert!(j.starts_with(r#"{"type":"message","room":"chat.a","id":"01J""#));
+        assert!(j.ends_with(r#","seq":7}"#));
         assert_eq!(serde_json::from_str::<BusEvent>(&j).unwrap(), m);
     }
 

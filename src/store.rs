@@ -47,7 +47,7 @@ macro_rules! on_pool {
     };
 }
 
-/// Rows per SQLite INSERT statement: 7 parameters per row stays far below
+/// Rows per SQLite INSERT statement: 8 parameters per row stays far below
 /// its bind-parameter limit (PostgreSQL takes a whole batch as arrays).
 const ROWS_PER_STATEMENT: usize = 1000;
 
@@ -69,6 +69,22 @@ pub struct RoomStats {
 pub struct Talker {
     pub user: String,
     pub messages: i64,
+}
+
+/// The last position handed out in a room, and the counter's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomHead {
+    pub seq: i64,
+    pub epoch: String,
+}
+
+/// An earlier `send` with the same `(room, user, cid)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendClaim {
+    /// The message id it was published as.
+    pub id: String,
+    /// Its publish was confirmed (else it is still in flight).
+    pub confirmed: bool,
 }
 
 /// A user who crossed the flood threshold in this batch.
@@ -153,11 +169,12 @@ impl Store {
             Store::Postgres(p) => {
                 let column = |f: fn(&ChatMessage) -> &str| batch.iter().map(f).collect::<Vec<_>>();
                 let ts: Vec<i64> = batch.iter().map(|m| m.ts).collect();
+                let seq: Vec<Option<i64>> = batch.iter().map(|m| m.seq).collect();
                 sqlx::query(
-                    "INSERT INTO messages (id, room, user_name, text, ts, kind, stored_at) \
-                     SELECT id, room, user_name, text, ts, kind, $7 FROM \
-                     UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[]) \
-                     AS t(id, room, user_name, text, ts, kind) \
+                    "INSERT INTO messages (id, room, user_name, text, ts, kind, seq, stored_at) \
+                     SELECT id, room, user_name, text, ts, kind, seq, $8 FROM \
+                     UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bigint[]) \
+                     AS t(id, room, user_name, text, ts, kind, seq) \
                      ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(column(|m| m.id.as_str()))
@@ -166,6 +183,7 @@ impl Store {
                 .bind(column(|m| m.text.as_str()))
                 .bind(ts)
                 .bind(column(|m| m.kind.as_str()))
+                .bind(seq)
                 .bind(stored_at)
                 .execute(p)
                 .await?
@@ -176,7 +194,7 @@ impl Store {
                 let mut inserted = 0;
                 for chunk in batch.chunks(ROWS_PER_STATEMENT) {
                     let mut qb = QueryBuilder::new(
-                        "INSERT INTO messages (id, room, user_name, text, ts, kind, stored_at) ",
+                        "INSERT INTO messages (id, room, user_name, text, ts, kind, seq, stored_at) ",
                     );
                     qb.push_values(chunk, |mut b, m| {
                         b.push_bind(m.id.as_str())
@@ -185,6 +203,7 @@ impl Store {
                             .push_bind(m.text.as_str())
                             .push_bind(m.ts)
                             .push_bind(m.kind.as_str())
+                            .push_bind(m.seq)
                             .push_bind(stored_at);
                     });
                     qb.push(" ON CONFLICT (id) DO NOTHING");
@@ -205,7 +224,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let sql = self.sql(
-            "SELECT id, room, user_name, text, ts, kind FROM messages \
+            "SELECT id, room, user_name, text, ts, kind, seq FROM messages \
              WHERE room = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
         );
         // ULIDs are Crockford base32: every id sorts below "~".
@@ -231,7 +250,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let sql = self.sql(
-            "SELECT id, room, user_name, text, ts, kind FROM messages \
+            "SELECT id, room, user_name, text, ts, kind, seq FROM messages \
              WHERE room = $1 AND id > $2 ORDER BY id LIMIT $3",
         );
         let rows = on_pool!(self, p => {
@@ -372,11 +391,15 @@ impl Store {
     }
 
     /// Deletes per-second activity older than 10 minutes (the windows only look back 5).
-    pub async fn prune_activity(&self) -> Result<u64, StoreError> {
+    pub async fn prune_activity(&self, seen_window_ms: i64) -> Result<u64, StoreError> {
         let sql = self.sql("DELETE FROM activity WHERE sec < $1");
+        let seen_sql = self.sql("DELETE FROM analytics_seen WHERE seen_at < $1");
         let cutoff = now_ms() / 1000 - 600;
-        let n =
-            on_pool!(self, p => sqlx::query(&sql).bind(cutoff).execute(p).await?.rows_affected());
+        let seen_cutoff = now_ms() - seen_window_ms;
+        let n = on_pool!(self, p => {
+            sqlx::query(&sql).bind(cutoff).execute(p).await?.rows_affected()
+                + sqlx::query(&seen_sql).bind(seen_cutoff).execute(p).await?.rows_affected()
+        });
         Ok(n)
     }
 
@@ -427,6 +450,189 @@ impl Store {
         on_pool!(self, p => sqlx::query("DELETE FROM messages").execute(p).await.map(|_| ()))?;
         Ok(())
     }
+
+    /// Hands out the next position of `room` (its cursor), creating the
+    /// counter with a fresh epoch on first use.
+    pub async fn next_seq(&self, room: &RoomId) -> Result<RoomHead, StoreError> {
+        let sql = self.sql(
+            "INSERT INTO room_seq (room, seq, epoch) VALUES ($1, 1, $2) \
+             ON CONFLICT (room) DO UPDATE SET seq = room_seq.seq + 1 \
+             RETURNING seq, epoch",
+        );
+        let epoch = ulid::Ulid::new().to_string().to_lowercase();
+        let row = on_pool!(self, p => {
+            let r = sqlx::query(&sql)
+                .bind(room.as_str())
+                .bind(&epoch)
+                .fetch_one(p)
+                .await?;
+            RoomHead { seq: r.try_get(0)?, epoch: r.try_get(1)? }
+        });
+        Ok(row)
+    }
+
+    /// The last position handed out in `room` (`None`: no message yet).
+    pub async fn room_head(&self, room: &RoomId) -> Result<Option<RoomHead>, StoreError> {
+        let sql = self.sql("SELECT seq, epoch FROM room_seq WHERE room = $1");
+        let head = on_pool!(self, p => {
+            match sqlx::query(&sql).bind(room.as_str()).fetch_optional(p).await? {
+                Some(r) => Some(RoomHead { seq: r.try_get(0)?, epoch: r.try_get(1)? }),
+                None => None,
+            }
+        });
+        Ok(head)
+    }
+
+    /// Records that position `seq` of `room` will never carry a message (its
+    /// publish failed), so recovery does not wait for it.
+    pub async fn void_seq(&self, room: &RoomId, seq: i64) -> Result<(), StoreError> {
+        let sql = self.sql(
+            "INSERT INTO room_seq_void (room, seq, voided_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (room, seq) DO NOTHING",
+        );
+        on_pool!(self, p => sqlx::query(&sql)
+            .bind(room.as_str())
+            .bind(seq)
+            .bind(now_ms())
+            .execute(p)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Stored messages of `room` with `after < seq <= upto`, in room order,
+    /// and the voided positions in that range.
+    pub async fn seq_range(
+        &self,
+        room: &RoomId,
+        after: i64,
+        upto: i64,
+    ) -> Result<(Vec<ChatMessage>, Vec<i64>), StoreError> {
+        let msg_sql = self.sql(
+            "SELECT id, room, user_name, text, ts, kind, seq FROM messages \
+             WHERE room = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        );
+        let void_sql =
+            self.sql("SELECT seq FROM room_seq_void WHERE room = $1 AND seq > $2 AND seq <= $3");
+        let out = on_pool!(self, p => {
+            let rows = sqlx::query(&msg_sql)
+                .bind(room.as_str())
+                .bind(after)
+                .bind(upto)
+                .fetch_all(p)
+                .await?;
+            let msgs = rows.iter().map(row_to_message).collect::<Result<Vec<_>, _>>()?;
+            let voids = sqlx::query(&void_sql)
+                .bind(room.as_str())
+                .bind(after)
+                .bind(upto)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<Result<Vec<_>, _>>()?;
+            (msgs, voids)
+        });
+        Ok(out)
+    }
+
+    /// The position of stored message `id` in `room`.
+    pub async fn seq_of(&self, room: &RoomId, id: &str) -> Result<Option<i64>, StoreError> {
+        let sql = self.sql("SELECT seq FROM messages WHERE id = $1 AND room = $2");
+        let seq = on_pool!(self, p => {
+            match sqlx::query(&sql).bind(id).bind(room.as_str()).fetch_optional(p).await? {
+                Some(r) => r.try_get::<Option<i64>, _>(0)?,
+                None => None,
+            }
+        });
+        Ok(seq)
+    }
+
+    /// Claims `(room, user, cid)` for a new message `id`. Returns `None` when
+    /// the claim is new (publish it), or the earlier claim: its id and whether
+    /// that publish was confirmed.
+    pub async fn claim_send(
+        &self,
+        room: &RoomId,
+        user: &str,
+        cid: &str,
+        id: &str,
+    ) -> Result<Option<SendClaim>, StoreError> {
+        let insert = self.sql(
+            "INSERT INTO send_dedupe (room, user_name, cid, id, state, created_at) \
+             VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (room, user_name, cid) DO NOTHING",
+        );
+        let select = self.sql(
+            "SELECT id, state FROM send_dedupe WHERE room = $1 AND user_name = $2 AND cid = $3",
+        );
+        let claim = on_pool!(self, p => {
+            let new = sqlx::query(&insert)
+                .bind(room.as_str())
+                .bind(user)
+                .bind(cid)
+                .bind(id)
+                .bind(now_ms())
+                .execute(p)
+                .await?
+                .rows_affected()
+                == 1;
+            if new {
+                None
+            } else {
+                match sqlx::query(&select)
+                    .bind(room.as_str())
+                    .bind(user)
+                    .bind(cid)
+                    .fetch_optional(p)
+                    .await?
+                {
+                    Some(r) => Some(SendClaim {
+                        id: r.try_get(0)?,
+                        confirmed: r.try_get::<String, _>(1)? == "acked",
+                    }),
+                    // Pruned between the two statements: treat as taken.
+                    None => Some(SendClaim { id: id.to_string(), confirmed: false }),
+                }
+            }
+        });
+        Ok(claim)
+    }
+
+    /// Settles a claim from [`Store::claim_send`]: kept as `acked` when the
+    /// publish was confirmed, deleted when it failed (a retry may publish).
+    pub async fn settle_send(
+        &self,
+        room: &RoomId,
+        user: &str,
+        cid: &str,
+        published: bool,
+    ) -> Result<(), StoreError> {
+        let sql = if published {
+            self.sql(
+                "UPDATE send_dedupe SET state = 'acked' \
+                 WHERE room = $1 AND user_name = $2 AND cid = $3",
+            )
+        } else {
+            self.sql("DELETE FROM send_dedupe WHERE room = $1 AND user_name = $2 AND cid = $3")
+        };
+        on_pool!(self, p => sqlx::query(&sql)
+            .bind(room.as_str())
+            .bind(user)
+            .bind(cid)
+            .execute(p)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Drops `send` claims older than `older_than_ms` (the dedupe window) and
+    /// voided positions as old; returns the rows removed.
+    pub async fn prune_sends(&self, older_than_ms: i64) -> Result<u64, StoreError> {
+        let cutoff = now_ms() - older_than_ms;
+        let dedupe = self.sql("DELETE FROM send_dedupe WHERE created_at < $1");
+        let n = on_pool!(self, p => sqlx::query(&dedupe).bind(cutoff).execute(p).await?.rows_affected());
+        Ok(n)
+    }
 }
 
 fn row_to_message<R: Row>(r: &R) -> Result<ChatMessage, sqlx::Error>
@@ -434,6 +640,7 @@ where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     let room: String = r.try_get("room")?;
     let kind: String = r.try_get("kind")?;
@@ -445,5 +652,6 @@ where
         text: r.try_get("text")?,
         ts: r.try_get("ts")?,
         kind: MessageKind::parse(&kind),
+        seq: r.try_get("seq")?,
     })
 }

@@ -72,7 +72,7 @@ fn check_decoded(raw: &str) {
             assert!(cid.is_none_or(|c| c.len() <= MAX_CID.max(24)));
             assert_eq!(RoomId::parse(room.as_str()).as_ref(), Some(&room));
         }
-        Ok(ClientFrame::Join { room, since }) => {
+        Ok(ClientFrame::Join { room, since, .. }) => {
             assert!(since.is_none_or(|s| !s.is_empty() && s.len() <= MAX_SINCE));
             assert!(room.name().len() <= MAX_ROOM_NAME);
         }

@@ -23,6 +23,7 @@ fn msg(room: &RoomId, id: String, user: &str, ts: i64) -> ChatMessage {
         text: format!("hello from {user}"),
         ts,
         kind: MessageKind::Chat,
+        seq: None,
     }
 }
 

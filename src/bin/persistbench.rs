@@ -66,6 +66,7 @@ fn message(i: usize, rooms: usize, text: &str) -> anyhow::Result<ChatMessage> {
         text: text.to_string(),
         ts: chrono::Utc::now().timestamp_millis(),
         kind: MessageKind::Chat,
+        seq: Some(i as i64),
     })
 }
 

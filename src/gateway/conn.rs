@@ -13,6 +13,7 @@ use governor::{Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
 use super::Gateway;
+use super::recovery::{self, Cursor, Recovery};
 use super::rooms::{ConnId, EnterError, Frame};
 use crate::auth::{ConnSlot, RoomPolicy};
 use crate::bus::Priority;
@@ -42,6 +43,7 @@ struct Conn {
 fn text(s: String) -> Frame {
     Frame {
         id: None,
+        seq: None,
         text: Utf8Bytes::from(s),
     }
 }
@@ -72,7 +74,7 @@ impl Conn {
         }
     }
 
-    async fn join(&mut self, room: RoomId, since: Option<String>) {
+    async fn join(&mut self, room: RoomId, since: Cursor) {
         let gw = self.gw.clone();
         let limits = &gw.limits;
         if self.joined.contains_key(&room) {
@@ -132,23 +134,19 @@ impl Conn {
             }
         };
         self.joined.insert(room.clone(), ());
-        let super::recovery::Recovery {
+        let Recovery {
             frames: history,
             recovered,
-        } = super::recovery::history(
-            &self.gw.store,
-            &room,
-            since.as_deref(),
-            ticket.recent,
-            self.gw.limits.history_on_join,
-        )
-        .await;
+            head,
+        } = recovery::history(&self.gw, &room, self.id, &since, ticket.recent).await;
         let members = self.gw.rooms.members(&room);
         self.push(text(
             ServerFrame::Joined {
                 room: &room,
                 members,
                 recovered,
+                epoch: head.as_ref().map(|h| h.epoch.as_str()),
+                seq: head.as_ref().map(|h| h.seq),
             }
             .to_json(),
         ));
@@ -190,7 +188,7 @@ impl Conn {
         }
         match self
             .gw
-            .publish_chat(room, self.user.to_string(), body)
+            .publish_chat(room, self.user.to_string(), body, cid.as_deref())
             .await
         {
             Ok(id) => self.push(text(
@@ -200,7 +198,7 @@ impl Conn {
                 }
                 .to_json(),
             )),
-            Err(message) => self.error(ErrorCode::BusUnavailable, &message, cid.as_deref()),
+            Err(e) => self.error(e.code(), &e.to_string(), cid.as_deref()),
         }
     }
 }
@@ -334,7 +332,19 @@ pub async fn serve(
             Message::Text(t) => match decode_client_frame(t.as_str(), limits.max_text_bytes) {
                 // Boxed: a join's future is large (history merge) and would
                 // otherwise sit inline in every idle connection's task.
-                Ok(ClientFrame::Join { room, since }) => Box::pin(conn.join(room, since)).await,
+                Ok(ClientFrame::Join {
+                    room,
+                    since,
+                    since_seq,
+                    epoch,
+                }) => {
+                    let cursor = Cursor {
+                        id: since,
+                        seq: since_seq,
+                        epoch,
+                    };
+                    Box::pin(conn.join(room, cursor)).await
+                }
                 Ok(ClientFrame::Leave { room }) => Box::pin(conn.leave(room)).await,
                 Ok(ClientFrame::Send { room, text, cid }) => {
                     if limiter.check().is_err() {

@@ -76,8 +76,8 @@ fn deliver(rooms: &Rooms, d: &Delivery) -> usize {
         metrics::counter!("live_undecodable_total").increment(1);
         return 0;
     };
-    let id = match ev {
-        BusEvent::Message(m) => Some(Arc::from(m.id)),
+    let (id, seq) = match ev {
+        BusEvent::Message(m) => (Some(Arc::from(m.id)), m.seq),
         BusEvent::Presence {
             room,
             user,
@@ -87,8 +87,8 @@ fn deliver(rooms: &Rooms, d: &Delivery) -> usize {
             if let Some(instance) = instance {
                 rooms.remote_presence(&room, &instance, &user, event);
             }
-            None
+            (None, None)
         }
     };
-    rooms.dispatch(&d.room, Frame { id, text })
+    rooms.dispatch(&d.room, Frame { id, seq, text })
 }

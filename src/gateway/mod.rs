@@ -32,6 +32,32 @@ use crate::protocol::{BusEvent, ChatMessage, MessageKind, RoomId};
 use crate::store::Store;
 use rooms::Rooms;
 
+/// Why a send was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The bus did not accept the message (`bus_unavailable`).
+    #[error("{0}")]
+    Bus(String),
+    /// The database that hands out room positions and dedupes `cid`s did not
+    /// answer (`db_unavailable`); the message was not published.
+    #[error("{0}")]
+    Db(String),
+    /// An earlier send with the same `cid` is still waiting for the bus.
+    #[error("message not sent: an earlier send with this cid is still in flight; retry")]
+    InFlight,
+}
+
+impl SendError {
+    /// The error code clients get for it.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            SendError::Bus(_) | SendError::InFlight => ErrorCode::BusUnavailable,
+            SendError::Db(_) => ErrorCode::DbUnavailable,
+        }
+    }
+}
+
 /// The gateway's context, shared by every connection of this instance.
 pub struct Gateway {
     pub bus: Arc<dyn MessageBus>,
@@ -46,7 +72,12 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Open WebSocket connections on this instance (for `/api/stats`).
     pub connections: AtomicI64,
+    /// Striped per-room send locks (see [`Gateway::room_turn`]).
+    turns: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Stripes of the per-room send lock.
+const TURN_STRIPES: usize = 1024;
 
 impl Gateway {
     pub fn new(
@@ -70,27 +101,57 @@ impl Gateway {
             instance,
             shutdown,
             connections: AtomicI64::new(0),
+            turns: (0..TURN_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
     /// Publishes one chat message from `user` and returns its id once the bus
-    /// accepted it, or the human-readable reason it was not sent (the caller
-    /// answers `bus_unavailable`). Used by WebSocket sends and `POST` alike.
+    /// accepted it, or why it was not sent. Used by WebSocket sends and `POST`
+    /// alike.
+    ///
+    /// With a `cid`, a retry of a send this user already made in this room
+    /// (within `SEND_DEDUPE_WINDOW_MS`, on any instance) is not published
+    /// again: it gets the original message id. Every message takes the room's
+    /// next position ([`Store::next_seq`]) before it is published; a position
+    /// whose publish failed is voided so recovery does not wait for it.
     pub async fn publish_chat(
         &self,
         room: RoomId,
         user: String,
         text: String,
-    ) -> Result<String, String> {
+        cid: Option<&str>,
+    ) -> Result<String, SendError> {
+        // One send per room at a time on this instance, from taking the id and
+        // position to the bus's answer, so this instance's messages reach the
+        // bus in position (and id) order.
+        let _turn = self.room_turn(&room).lock().await;
+        let id = self.ids.next();
+        if let Some(cid) = cid
+            && let Some(earlier) = self.claim(&room, &user, cid, &id).await?
+        {
+            metrics::counter!("send_retries_deduplicated_total").increment(1);
+            return Ok(earlier);
+        }
+        let head = match self.store.next_seq(&room).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.settle(&room, &user, cid, None);
+                return Err(SendError::Db(format!(
+                    "message not sent: its room position could not be taken: {e}"
+                )));
+            }
+        };
         let msg = ChatMessage {
             room: room.clone(),
-            id: self.ids.next(),
-            user,
+            id: id.clone(),
+            user: user.clone(),
             text,
             ts: chrono::Utc::now().timestamp_millis(),
             kind: MessageKind::Chat,
+            seq: Some(head.seq),
         };
-        let id = msg.id.clone();
         let backend = self.bus.backend();
         let started = std::time::Instant::now();
         let res = self
@@ -101,11 +162,72 @@ impl Gateway {
         match res {
             Ok(()) => {
                 metrics::counter!("messages_in_total", "backend" => backend).increment(1);
+                self.settle(&room, &user, cid, Some(true));
                 Ok(id)
             }
             Err(e) => {
                 metrics::counter!("publish_errors_total", "backend" => backend).increment(1);
-                Err(format!("message not sent: {e}"))
+                self.settle(&room, &user, cid, Some(false));
+                if let Err(e) = self.store.void_seq(&room, head.seq).await {
+                    tracing::warn!(error = %e, %room, seq = head.seq, "position not voided: recovery across it will report a gap");
+                }
+                Err(SendError::Bus(format!("message not sent: {e}")))
+            }
+        }
+    }
+
+    /// The lock that orders one room's sends on this instance (striped:
+    /// bounded memory whatever the number of rooms).
+    fn room_turn(&self, room: &RoomId) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        room.as_str().hash(&mut h);
+        &self.turns[(h.finish() % self.turns.len() as u64) as usize]
+    }
+
+    /// Settles a `cid` claim in the background (the `ack` does not wait for
+    /// it): kept when published (`Some(true)`), dropped otherwise so a retry
+    /// may publish.
+    fn settle(&self, room: &RoomId, user: &str, cid: Option<&str>, published: Option<bool>) {
+        let Some(cid) = cid else { return };
+        let (store, room, user, cid) = (
+            self.store.clone(),
+            room.clone(),
+            user.to_string(),
+            cid.to_string(),
+        );
+        let published = published.unwrap_or(false);
+        tokio::spawn(async move {
+            if let Err(e) = store.settle_send(&room, &user, &cid, published).await {
+                tracing::warn!(error = %e, "send dedupe: claim not settled");
+            }
+        });
+    }
+
+    /// Claims `cid` for message `id`; `Some(id)` of the earlier send when this
+    /// is a retry of a confirmed one. A retry racing its still-unconfirmed
+    /// original waits for it (up to the publish timeout).
+    async fn claim(
+        &self,
+        room: &RoomId,
+        user: &str,
+        cid: &str,
+        id: &str,
+    ) -> Result<Option<String>, SendError> {
+        let deadline = tokio::time::Instant::now() + self.limits.publish_timeout();
+        loop {
+            let claim = self
+                .store
+                .claim_send(room, user, cid, id)
+                .await
+                .map_err(|e| SendError::Db(format!("message not sent: {e}")))?;
+            match claim {
+                None => return Ok(None),
+                Some(c) if c.confirmed => return Ok(Some(c.id)),
+                Some(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(SendError::InFlight);
+                }
+                Some(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
         }
     }

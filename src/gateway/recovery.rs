@@ -1,86 +1,253 @@
-//! What a joining client gets after `joined`: the latest messages, or — with
-//! `since` — the messages it missed, and whether that set is provably complete.
+//! What a joining client gets after `joined`: the latest messages, or — with a
+//! cursor — the messages it missed, and whether that set is *provably*
+//! complete (`recovered: true`).
 //!
-//! Two sources are merged by id: the DB (everything the db-writer committed)
-//! and this instance's recent ring (what it delivered lately, which covers
-//! what the persistence batch has not written yet). The member's live frames
-//! are held back meanwhile ([`super::rooms::Rooms::enter`]) and released after
-//! this history, skipping ids already sent, so nothing is lost or repeated.
+//! The proof rests on the room cursor: every chat message takes its room's
+//! next position (`seq`) from the store before it is published
+//! ([`crate::store::Store::next_seq`]), and a position whose publish failed is
+//! voided. So after a client's position `s`, the room's head `h` (read after
+//! the member was registered, so anything published later reaches it live)
+//! says exactly which positions exist: `s+1 ..= h`. Each must be found in one
+//! of three places — this instance's recent ring, the frames held back for the
+//! joining member (arrived live since it entered), or the DB — or be void.
+//! While the db-writer is behind, recovery waits for it (up to
+//! `RECOVERY_WAIT_MS`); if a position is still missing then, or more than
+//! `HISTORY_ON_JOIN` are missed, or the cursor is unknown (another epoch, a
+//! message id never stored), the answer is `recovered: false` with what was
+//! found. The frames go out in room order; the member's held frames are
+//! released after them, skipping ids already sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 
-use super::rooms::Frame;
-use crate::protocol::{BusEvent, RoomId};
-use crate::store::Store;
+use super::Gateway;
+use super::rooms::{ConnId, Frame};
+use crate::protocol::{BusEvent, ChatMessage, RoomId};
+use crate::store::RoomHead;
 
-/// The history to send after `joined` and the `recovered` flag.
-pub struct Recovery {
-    pub frames: Vec<Frame>,
-    /// `true` only with `since`, when every message after it is in `frames`.
-    pub recovered: bool,
+/// Where a client says it is in a room (the fields of its `join`).
+#[derive(Debug, Clone, Default)]
+pub struct Cursor {
+    /// The last message id it saw.
+    pub id: Option<String>,
+    /// That message's position and the epoch from `joined`.
+    pub seq: Option<i64>,
+    pub epoch: Option<String>,
 }
 
-/// Merges the DB and the ring snapshot `recent` into at most `limit` frames
-/// after `since` (or the latest `limit` without it). `recovered` is `true`
-/// when `since` is known (in the ring or the DB, or older than the ring's
-/// oldest message), the DB answered, and no more than `limit` messages follow
-/// it.
+impl Cursor {
+    fn is_empty(&self) -> bool {
+        self.id.is_none() && self.seq.is_none()
+    }
+}
+
+/// The history to send after `joined`.
+pub struct Recovery {
+    pub frames: Vec<Frame>,
+    /// `true` only with a cursor, when every message after it is in `frames`
+    /// (or already held for the member).
+    pub recovered: bool,
+    /// The room's head when the member joined (`None`: no message yet, or the
+    /// DB did not answer).
+    pub head: Option<RoomHead>,
+}
+
+/// How often recovery looks again while the db-writer catches up.
+const POLL: Duration = Duration::from_millis(100);
+
+fn frame_of(m: ChatMessage) -> Frame {
+    let id: Arc<str> = Arc::from(m.id.as_str());
+    let seq = m.seq;
+    Frame {
+        id: Some(id),
+        seq,
+        text: Utf8Bytes::from(BusEvent::Message(m).to_json()),
+    }
+}
+
+/// Builds the history for member `conn` of `room`, who just entered (its
+/// live frames are being held) with `recent` as the ring snapshot.
 pub async fn history(
-    store: &Store,
+    gw: &Gateway,
     room: &RoomId,
-    since: Option<&str>,
+    conn: ConnId,
+    since: &Cursor,
     recent: Vec<Frame>,
-    limit: i64,
 ) -> Recovery {
-    let limit = limit.max(1);
+    let limit = gw.limits.history_on_join.max(1);
+    let head = match gw.store.room_head(room).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, %room, "room head unavailable");
+            return Recovery {
+                frames: latest(gw, room, recent, limit).await,
+                recovered: false,
+                head: None,
+            };
+        }
+    };
+    if since.is_empty() {
+        return Recovery {
+            frames: latest(gw, room, recent, limit).await,
+            recovered: false,
+            head,
+        };
+    }
+    let Some(from) = resolve(gw, room, since, head.as_ref(), &recent).await else {
+        // The cursor cannot be placed: send what follows its id, if it has
+        // one, without vouching for it.
+        let frames = match since.id.as_deref() {
+            Some(id) => after_id(gw, room, id, recent, limit).await,
+            None => latest(gw, room, recent, limit).await,
+        };
+        return Recovery {
+            frames,
+            recovered: false,
+            head,
+        };
+    };
+    let upto = head.as_ref().map_or(0, |h| h.seq);
+    if from > upto || upto - from > limit {
+        // A position from the future (a counter that was reset without its
+        // epoch changing), or more missed than one join may send.
+        return Recovery {
+            frames: latest(gw, room, recent, limit).await,
+            recovered: false,
+            head,
+        };
+    }
+    let wait = Duration::from_millis(gw.limits.recovery_wait_ms);
+    let deadline = tokio::time::Instant::now() + wait;
+    let ring: Vec<Frame> = recent
+        .into_iter()
+        .filter(|f| f.seq.is_some_and(|q| q > from && q <= upto))
+        .collect();
+    loop {
+        let mut found: BTreeMap<i64, Frame> = BTreeMap::new();
+        let mut void: HashSet<i64> = HashSet::new();
+        let held = gw.rooms.held(room, conn);
+        for f in ring.iter().chain(held.iter()) {
+            if let Some(q) = f.seq.filter(|q| *q > from && *q <= upto) {
+                found.entry(q).or_insert_with(|| f.clone());
+            }
+        }
+        let mut db_ok = true;
+        if (from + 1..=upto).any(|q| !found.contains_key(&q)) {
+            match gw.store.seq_range(room, from, upto).await {
+                Ok((rows, voids)) => {
+                    for m in rows {
+                        if let Some(q) = m.seq {
+                            found.entry(q).or_insert_with(|| frame_of(m));
+                        }
+                    }
+                    void.extend(voids);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %room, "recovery: DB unavailable");
+                    db_ok = false;
+                }
+            }
+        }
+        let complete =
+            db_ok && (from + 1..=upto).all(|q| found.contains_key(&q) || void.contains(&q));
+        if complete || tokio::time::Instant::now() >= deadline {
+            if !complete {
+                metrics::counter!("recovery_incomplete_total").increment(1);
+            }
+            return Recovery {
+                frames: found.into_values().collect(),
+                recovered: complete,
+                head,
+            };
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The client's position, when the server can place it: its `since_seq` in
+/// the current epoch, or the position of its `since` message id (from the
+/// ring or the DB).
+async fn resolve(
+    gw: &Gateway,
+    room: &RoomId,
+    since: &Cursor,
+    head: Option<&RoomHead>,
+    recent: &[Frame],
+) -> Option<i64> {
+    if let (Some(seq), Some(epoch)) = (since.seq, since.epoch.as_deref()) {
+        return match head {
+            Some(h) if h.epoch == epoch => Some(seq),
+            _ => None,
+        };
+    }
+    let id = since.id.as_deref()?;
+    if let Some(seq) = recent
+        .iter()
+        .find(|f| f.id.as_deref() == Some(id))
+        .and_then(|f| f.seq)
+    {
+        return Some(seq);
+    }
+    match gw.store.seq_of(room, id).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            tracing::warn!(error = %e, %room, "recovery: cannot place since id");
+            None
+        }
+    }
+}
+
+/// The latest `limit` messages, from the DB merged with the ring, in room
+/// order (messages stored before cursors existed sort by id).
+async fn latest(gw: &Gateway, room: &RoomId, recent: Vec<Frame>, limit: i64) -> Vec<Frame> {
     let mut by_id: BTreeMap<Arc<str>, Frame> = recent
         .into_iter()
         .filter_map(|f| f.id.clone().map(|id| (id, f)))
         .collect();
-    let ring_has_since = since.is_some_and(|s| by_id.contains_key(s));
-    let ring_oldest = by_id.keys().next().cloned();
-    let db = match since {
-        Some(s) => store.after(room, s, limit + 1).await,
-        None => store.history(room, None, limit).await,
-    };
-    let db_rows = match db {
-        Ok(rows) => rows,
-        Err(e) => {
-            tracing::warn!(error = %e, %room, "history unavailable");
-            Vec::new()
+    match gw.store.history(room, None, limit).await {
+        Ok(rows) => {
+            for m in rows {
+                let id: Arc<str> = Arc::from(m.id.as_str());
+                by_id.entry(id).or_insert_with(|| frame_of(m));
+            }
         }
-    };
-    let mut db_ok = true;
-    for m in db_rows {
-        let id: Arc<str> = Arc::from(m.id.as_str());
-        by_id.entry(id.clone()).or_insert_with(|| Frame {
-            id: Some(id),
-            text: Utf8Bytes::from(BusEvent::Message(m).to_json()),
-        });
+        Err(e) => tracing::warn!(error = %e, %room, "history unavailable"),
     }
-    let recovered = match since {
-        None => false,
-        Some(s) => {
-            by_id.retain(|k, _| &**k > s);
-            let known = ring_has_since
-                || match store.has_message(room, s).await {
-                    Ok(found) => found,
-                    Err(_) => {
-                        db_ok = false;
-                        false
-                    }
-                }
-                // The ring starts at or before `since`: nothing can be missing.
-                || ring_oldest.as_deref().is_some_and(|o| o <= s);
-            known && db_ok && by_id.len() as i64 <= limit
-        }
-    };
     let mut frames: Vec<Frame> = by_id.into_values().collect();
+    frames.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
     if frames.len() as i64 > limit {
         frames.drain(..frames.len() - limit as usize);
     }
-    Recovery { frames, recovered }
+    frames
+}
+
+/// Messages whose id sorts after `id` (DB and ring), at most `limit`: the best
+/// effort for a cursor that cannot be placed.
+async fn after_id(
+    gw: &Gateway,
+    room: &RoomId,
+    id: &str,
+    recent: Vec<Frame>,
+    limit: i64,
+) -> Vec<Frame> {
+    let mut by_id: BTreeMap<Arc<str>, Frame> = recent
+        .into_iter()
+        .filter_map(|f| f.id.clone().map(|i| (i, f)))
+        .filter(|(i, _)| &**i > id)
+        .collect();
+    match gw.store.after(room, id, limit).await {
+        Ok(rows) => {
+            for m in rows {
+                let i: Arc<str> = Arc::from(m.id.as_str());
+                by_id.entry(i).or_insert_with(|| frame_of(m));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, %room, "history unavailable"),
+    }
+    let mut frames: Vec<Frame> = by_id.into_values().collect();
+    frames.truncate(limit.max(0) as usize);
+    frames
 }

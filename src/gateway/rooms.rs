@@ -22,6 +22,8 @@ use crate::protocol::{PresenceEvent, RoomId};
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub id: Option<Arc<str>>,
+    /// The message's room position, when it has one (see `recovery`).
+    pub seq: Option<i64>,
     pub text: Utf8Bytes,
 }
 
@@ -165,6 +167,18 @@ impl Rooms {
                     break;
                 }
             }
+        }
+    }
+
+    /// The frames held back so far for a joining member (they arrived live
+    /// after it entered), so recovery can count them as delivered.
+    pub fn held(&self, room: &RoomId, conn: ConnId) -> Vec<Frame> {
+        match self.rooms.get(room) {
+            Some(r) => match r.local.get(&conn).map(|m| &m.sink) {
+                Some(Sink::Joining(held)) => held.clone(),
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
         }
     }
 

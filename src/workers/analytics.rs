@@ -101,7 +101,9 @@ pub async fn run(
                                 due
                             })
                             .unwrap_or(false);
-                        if prune_due && let Err(e) = store.prune_activity().await {
+                        if prune_due
+                            && let Err(e) = store.prune_activity(cfg.dedupe_window_ms as i64).await
+                        {
                             tracing::warn!(error = %e, "analytics: prune failed");
                         }
                         if let Some(lease) = lease
@@ -185,12 +187,25 @@ async fn count_batch(
         metrics::counter!("flood_flags_total").increment(1);
         tracing::info!(room = %f.room, user = %f.user, rate = f.rate, "flood detected");
         if cfg.flood_warnings {
-            announce_flood(bus, ids, &f).await;
+            announce_flood(bus, store, ids, &f).await;
         }
     }
 }
 
-async fn announce_flood(bus: &dyn MessageBus, ids: &crate::ids::IdGen, f: &FloodFlag) {
+async fn announce_flood(
+    bus: &dyn MessageBus,
+    store: &Store,
+    ids: &crate::ids::IdGen,
+    f: &FloodFlag,
+) {
+    // A room message like any other: it takes the room's next position.
+    let seq = match store.next_seq(&f.room).await {
+        Ok(h) => h.seq,
+        Err(e) => {
+            tracing::warn!(error = %e, "analytics: flood warning not published (no room position)");
+            return;
+        }
+    };
     let msg = BusEvent::Message(ChatMessage {
         room: f.room.clone(),
         id: ids.next(),
@@ -201,6 +216,7 @@ async fn announce_flood(bus: &dyn MessageBus, ids: &crate::ids::IdGen, f: &Flood
         ),
         ts: chrono::Utc::now().timestamp_millis(),
         kind: MessageKind::System,
+        seq: Some(seq),
     });
     let out = Outgoing {
         room: f.room.clone(),
