@@ -160,3 +160,29 @@ async fn persistence_gap_and_replay_rebuild_the_db_exactly() {
     gateway.stop().await;
     persist.stop().await;
 }
+
+#[tokio::test]
+async fn resume_is_a_proof_on_kafka() {
+    let topic = common::conformance::uniq("proof-");
+    let db = pg_db().await;
+    common::multi::resume_is_a_proof(
+        bus(kafka(&topic)).await,
+        bus(kafka(&topic)).await,
+        bus(kafka(&topic)).await,
+        bus(kafka(&topic)).await,
+        &db,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn send_retries_are_published_once_on_kafka() {
+    let topic = common::conformance::uniq("retry-");
+    let db = pg_db().await;
+    common::multi::send_retries_are_published_once(
+        bus(kafka(&topic)).await,
+        bus(kafka(&topic)).await,
+        &db,
+    )
+    .await;
+}

@@ -104,3 +104,29 @@ async fn persistence_stopped_then_restarted_stores_everything_once() {
     gateway.stop().await;
     persist.stop().await;
 }
+
+#[tokio::test]
+async fn resume_is_a_proof_on_rabbitmq() {
+    let tag = common::conformance::uniq("r");
+    let db = pg_db().await;
+    common::multi::resume_is_a_proof(
+        bus(rabbit(&tag)).await,
+        bus(rabbit(&tag)).await,
+        bus(rabbit(&tag)).await,
+        bus(rabbit(&tag)).await,
+        &db,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn send_retries_are_published_once_on_rabbitmq() {
+    let tag = common::conformance::uniq("d");
+    let db = pg_db().await;
+    common::multi::send_retries_are_published_once(
+        bus(rabbit(&tag)).await,
+        bus(rabbit(&tag)).await,
+        &db,
+    )
+    .await;
+}

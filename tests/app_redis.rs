@@ -142,3 +142,23 @@ async fn redis_restart_under_the_relay() {
     assert_eq!(got["user"], "rita");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn resume_is_a_proof_on_redis() {
+    let db = pg_db().await;
+    common::multi::resume_is_a_proof(
+        bus_at(&url()).await,
+        bus_at(&url()).await,
+        bus_at(&url()).await,
+        bus_at(&url()).await,
+        &db,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn send_retries_are_published_once_on_redis() {
+    let db = pg_db().await;
+    common::multi::send_retries_are_published_once(bus_at(&url()).await, bus_at(&url()).await, &db)
+        .await;
+}

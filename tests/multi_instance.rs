@@ -23,3 +23,17 @@ async fn memory_gateway_crash_clients_resume_on_the_other() {
     let (_d, db) = sqlite_db();
     gateway_crash_clients_resume_on_the_other(bus.clone(), bus, &db).await;
 }
+
+#[tokio::test]
+async fn memory_resume_is_a_proof() {
+    let bus: Arc<dyn MessageBus> = Arc::new(MemoryBus::new(Default::default()));
+    let (_d, db) = sqlite_db();
+    common::multi::resume_is_a_proof(bus.clone(), bus.clone(), bus.clone(), bus, &db).await;
+}
+
+#[tokio::test]
+async fn memory_send_retries_are_published_once() {
+    let bus: Arc<dyn MessageBus> = Arc::new(MemoryBus::new(Default::default()));
+    let (_d, db) = sqlite_db();
+    common::multi::send_retries_are_published_once(bus.clone(), bus, &db).await;
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_relay::bus::MessageBus;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::app::*;
 
@@ -168,4 +168,156 @@ pub async fn gateway_crash_clients_resume_on_the_other(
     let m = again.recv_type("message").await;
     assert_eq!(m["text"], "after", "{backend}");
     b.stop().await;
+}
+
+/// Issue scenario "recovery that is not a proof": erin read up to message
+/// *m* on A and left; five more messages were acked; she resumes at once on B
+/// (nobody else in the room there, so B's ring is empty) while the db-writer
+/// is still batching (3 s). B must wait for the DB and answer
+/// `recovered:true` with exactly the five, in order. With the db-writer
+/// stopped, a fresh instance C cannot find the missed messages anywhere and
+/// must say `recovered:false`; B, which delivered them live, can prove it
+/// with the cursor form of `since` (`since_seq` + `epoch`).
+pub async fn resume_is_a_proof(
+    bus_a: Arc<dyn MessageBus>,
+    bus_b: Arc<dyn MessageBus>,
+    bus_c: Arc<dyn MessageBus>,
+    bus_w: Arc<dyn MessageBus>,
+    db: &str,
+) {
+    use chat_relay::config::Role;
+    let backend = bus_a.backend();
+    let tag = ulid::Ulid::new().to_string().to_lowercase();
+    let gateway = |wait_ms: u64| {
+        let mut cfg = config(db, &tag);
+        roles(&mut cfg, &[Role::Gateway]);
+        cfg.limits.recovery_wait_ms = wait_ms;
+        cfg
+    };
+    let mut wcfg = config(db, &tag);
+    roles(&mut wcfg, &[Role::Persist, Role::Analytics]);
+    wcfg.persist.batch_wait_ms = 3000;
+    let w = spawn_app_on(wcfg, bus_w).await;
+    let a = spawn_app_on(gateway(5000), bus_a).await;
+    let b = spawn_app_on(gateway(5000), bus_b).await;
+    let c = spawn_app_on(gateway(1000), bus_c).await;
+    let room = format!("chat.proof{tag}");
+    let mut frank = a.client("frank").await;
+    let mut erin = a.client("erin").await;
+    frank.join(&room, None).await;
+    erin.join(&room, None).await;
+    frank.say(&room, "m").await;
+    let m = erin.recv_type("message").await;
+    drop(erin);
+    for i in 0..5 {
+        frank.say(&room, &format!("p{i}")).await;
+        frank.recv_type("ack").await;
+    }
+    let mut erin = b.client("erin").await;
+    let (joined, history) = erin.join(&room, m["id"].as_str()).await;
+    assert_eq!(joined["recovered"], true, "{backend}: {joined}");
+    let texts: Vec<&str> = history.iter().filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts, ["p0", "p1", "p2", "p3", "p4"], "{backend}");
+    let seqs: Vec<i64> = history.iter().filter_map(|m| m["seq"].as_i64()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "{backend}: room order {seqs:?}"
+    );
+    let (last_seq, epoch) = (seqs[4], joined["epoch"].clone());
+    assert!(epoch.is_string(), "{backend}: joined carries the epoch");
+
+    // The db-writer dies (a crash: a graceful stop would close the shared
+    // in-process bus of the memory variant); three more messages are acked
+    // and reach erin on B.
+    w.crash().await;
+    for i in 0..3 {
+        frank.say(&room, &format!("q{i}")).await;
+        frank.recv_type("ack").await;
+        erin.recv_type("message").await;
+    }
+    // C never saw them and the DB does not have them: no proof.
+    let mut on_c = c.client("erin").await;
+    let (joined, _) = join_at(&mut on_c, &room, last_seq, &epoch).await;
+    assert_eq!(joined["recovered"], false, "{backend}: {joined}");
+    // B delivered them live: its ring proves it.
+    let mut on_b = b.client("erin").await;
+    let (joined, hist) = join_at(&mut on_b, &room, last_seq, &epoch).await;
+    assert_eq!(joined["recovered"], true, "{backend}: {joined}");
+    assert_eq!(hist, ["q0", "q1", "q2"], "{backend}");
+    // Another epoch is another counter: never vouched for.
+    let j = json!({"type": "join", "room": room, "since_seq": 1, "epoch": "other"});
+    on_b.send(j).await;
+    let joined = on_b.recv_type("joined").await;
+    assert_eq!(joined["recovered"], false, "{backend}: {joined}");
+    for app in [a, b, c] {
+        app.stop().await;
+    }
+}
+
+/// Issue scenario "retries duplicate": the same `send` (same `cid`) sent
+/// twice back to back, and once more after reconnecting to another instance,
+/// is published once: every copy is answered with the original message id.
+pub async fn send_retries_are_published_once(
+    bus_a: Arc<dyn MessageBus>,
+    bus_b: Arc<dyn MessageBus>,
+    db: &str,
+) {
+    let backend = bus_a.backend();
+    let tag = ulid::Ulid::new().to_string().to_lowercase();
+    let a = spawn_app_on(config(db, &tag), bus_a).await;
+    let b = spawn_app_on(config(db, &tag), bus_b).await;
+    let room = format!("chat.retry{tag}");
+    let mut watcher = a.client("walt").await;
+    watcher.join(&room, None).await;
+    let mut eve = a.client("eve").await;
+    eve.join(&room, None).await;
+    let send = json!({"type": "send", "room": room, "text": "once", "cid": "r1"});
+    eve.send(send.clone()).await;
+    eve.send(send.clone()).await;
+    let first = eve.recv_type("ack").await;
+    let second = eve.recv_type("ack").await;
+    assert_eq!(first["id"], second["id"], "{backend}: {first} {second}");
+    let mut again = b.client("eve").await;
+    again.join(&room, None).await;
+    again.send(send).await;
+    let third = again.recv_type("ack").await;
+    assert_eq!(first["id"], third["id"], "{backend}: {third}");
+    // The room saw it once.
+    let mut copies = 0;
+    while let Some(v) = watcher.try_recv(Duration::from_secs(1)).await {
+        if v["type"] == "message" && v["text"] == "once" {
+            copies += 1;
+        }
+    }
+    assert_eq!(copies, 1, "{backend}: delivered once");
+    let store = a.store.clone();
+    let room_id = chat_relay::protocol::RoomId::parse(&room).unwrap();
+    eventually(Duration::from_secs(20), "stored", || {
+        let (store, room_id) = (store.clone(), room_id.clone());
+        async move { store.count_messages(Some(&room_id)).await.unwrap() >= 1 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        store.count_messages(Some(&room_id)).await.unwrap(),
+        1,
+        "{backend}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Joins `room` with the cursor form of `since`; returns `joined` and the
+/// texts of the history that follows.
+async fn join_at(c: &mut Client, room: &str, seq: i64, epoch: &Value) -> (Value, Vec<String>) {
+    c.send(json!({"type": "join", "room": room, "since_seq": seq, "epoch": epoch}))
+        .await;
+    let joined = c.recv_type("joined").await;
+    let mut hist = Vec::new();
+    while let Some(v) = c.try_recv(Duration::from_millis(300)).await {
+        if v["type"] == "message" {
+            hist.push(v["text"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    (joined, hist)
 }
