@@ -87,19 +87,22 @@ function clearRoom(r) {
   r.list.replaceChildren();
   r.ids.clear();
   r.lastId = null;
+  r.lastSeq = null;
   r.hasOlder = true;
 }
 
 // ---- own sends: pending until the ack, latency measured at the echo
 
-function post(room, text) {
+/** Sends `text`; a Retry passes the failed send's `cid` again, so a send
+ * the server did publish (its ack was lost) is not published twice. */
+function post(room, text, retryCid) {
   const r = S.rooms.get(room);
   if (!r) return;
-  const cid = `c${Date.now().toString(36)}-${(S.seq++).toString(36)}`;
+  const cid = retryCid ?? `c${Date.now().toString(36)}-${(S.seq++).toString(36)}`;
   const li = messageLine(S.user, text, Date.now(), 'chat pending', '~');
   li.setAttribute('aria-busy', 'true');
   place(r, li);
-  const p = { room, text, li, sentAt: performance.now(), echo: null };
+  const p = { room, text, cid, li, sentAt: performance.now(), echo: null };
   if (wsSend({ type: 'send', room, text, cid })) S.pending.set(cid, p);
   else fail(p, 'offline');
 }
@@ -108,7 +111,7 @@ function fail(p, code) {
   p.li.classList.replace('pending', 'failed');
   p.li.removeAttribute('aria-busy');
   const retry = el('button', 'link retry', 'Retry', { type: 'button' });
-  retry.onclick = () => { p.li.remove(); post(p.room, p.text); };
+  retry.onclick = () => { p.li.remove(); post(p.room, p.text, p.cid); };
   p.li.append(el('span', 'error', errorLabel(code)), retry);
 }
 
@@ -151,6 +154,8 @@ function onMessage(m) {
   const r = S.rooms.get(m.room);
   if (!r) return; // a late frame for a room we already left
   if (!r.lastId || m.id > r.lastId) r.lastId = m.id;
+  // The room cursor: positions are ordered per room across server instances.
+  if (Number.isInteger(m.seq) && !(r.lastSeq >= m.seq)) r.lastSeq = m.seq;
   const acked = S.awaitingEcho.get(m.id);
   if (acked) {
     S.awaitingEcho.delete(m.id);
@@ -176,6 +181,8 @@ function onJoined(f) {
   const r = S.rooms.get(f.room);
   if (!r) return;
   r.joined = true;
+  if (f.epoch !== r.epoch) r.lastSeq = null; // another counter: positions do not carry over
+  r.epoch = f.epoch ?? null;
   if (r.resumeFrom && !f.recovered) {
     banner(`Some messages in ${f.room} could not be recovered after the reconnect; showing the latest history instead.`);
     clearRoom(r);
@@ -225,7 +232,8 @@ function wsSend(obj) {
 function sendJoin(r) {
   r.resumeFrom = r.lastId;
   S.joining.push(r.name);
-  wsSend({ type: 'join', room: r.name, ...(r.lastId ? { since: r.lastId } : {}) });
+  const cursor = r.lastSeq != null && r.epoch ? { since_seq: r.lastSeq, epoch: r.epoch } : {};
+  wsSend({ type: 'join', room: r.name, ...(r.lastId ? { since: r.lastId } : {}), ...cursor });
 }
 
 function status(cls, text) {

@@ -191,13 +191,33 @@ async fn resolve(
     {
         return Some(seq);
     }
-    match gw.store.seq_of(room, id).await {
-        Ok(seq) => seq,
-        Err(e) => {
-            tracing::warn!(error = %e, %room, "recovery: cannot place since id");
-            None
+    // Not in the ring: the DB places it — once the db-writer has stored it,
+    // so a recent id is worth waiting for (an old or malformed one is not).
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(gw.limits.recovery_wait_ms);
+    loop {
+        match gw.store.seq_of(room, id).await {
+            Ok(Some(seq)) => return Some(seq),
+            Ok(None) if recently_minted(id) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(POLL).await;
+            }
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, %room, "recovery: cannot place since id");
+                return None;
+            }
         }
     }
+}
+
+/// A message id minted in the last hour (and not in the future): it may still
+/// be on its way to the DB.
+fn recently_minted(id: &str) -> bool {
+    let Ok(u) = ulid::Ulid::from_string(id) else {
+        return false;
+    };
+    let now = chrono::Utc::now().timestamp_millis() as u64;
+    let at = u.timestamp_ms();
+    at <= now + 60_000 && at + 3_600_000 >= now
 }
 
 /// The latest `limit` messages, from the DB merged with the ring, in room
