@@ -86,8 +86,7 @@ impl Application {
             let (live_tx, live_rx) = tokio::sync::watch::channel(false);
             role_ready.push(("live_delivery", live_rx));
             workers.spawn(gateway::live::run(
-                bus.clone(),
-                gateway.rooms.clone(),
+                gateway.clone(),
                 format!("live-{instance}"),
                 live_tx,
                 shutdown.clone(),

@@ -405,6 +405,17 @@ pub enum ServerFrame<'a> {
     Left {
         room: &'a RoomId,
     },
+    /// This instance's live stream of the room was interrupted and the
+    /// messages at positions `from_seq+1 ..= to_seq` could not all be
+    /// recovered: the client should rejoin (it will get `recovered:false`
+    /// and the latest history).
+    Gap {
+        room: &'a RoomId,
+        from_seq: i64,
+        /// Absent when the room's head could not be read (DB down).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to_seq: Option<i64>,
+    },
     Ack {
         cid: Option<&'a str>,
         id: &'a str,

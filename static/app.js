@@ -218,7 +218,17 @@ function onError(f) {
   banner(detail);
 }
 
-const HANDLERS = { message: onMessage, ack: onAck, joined: onJoined, presence: onPresence, error: onError };
+/** The server's live stream of a room was interrupted and it could not find
+ * every missed message: say so and rejoin, which redraws the room. */
+function onGap(f) {
+  const r = S.rooms.get(f.room);
+  if (!r) return;
+  banner(`Some messages in ${f.room} could not be delivered live; reloading the room.`);
+  clearRoom(r);
+  sendJoin(r);
+}
+
+const HANDLERS = { message: onMessage, ack: onAck, joined: onJoined, presence: onPresence, error: onError, gap: onGap };
 
 // ---- connection
 

@@ -130,3 +130,113 @@ async fn send_retries_are_published_once_on_rabbitmq() {
     )
     .await;
 }
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be installed (scripts/services.sh)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A vhost of its own, deleted at the end (even on panic), so its connection
+/// limit touches no other test.
+struct Vhost(String);
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
+}
+
+/// A gateway's own live queue is lost while the other instance keeps
+/// publishing: its live connection is closed and new connections to the
+/// vhost refused (`max-connections: 0`) while three messages are acked, so
+/// they are routed to no live queue of that gateway. The durable `db-writer`
+/// queue kept them; once the gateway's live subscription is back it catches
+/// up from the DB: its client gets exactly the three, in room order, and no
+/// `gap`.
+#[tokio::test]
+async fn live_gap_is_filled_on_rabbitmq() {
+    let tag = common::conformance::uniq("g");
+    let vhost = Vhost(format!("gap-{tag}"));
+    rabbitmqctl(&["add_vhost", &vhost.0]);
+    rabbitmqctl(&["set_permissions", "-p", &vhost.0, "guest", ".*", ".*", ".*"]);
+    let url = format!("amqp://guest:guest@127.0.0.1:5672/{}", vhost.0);
+    let db = pg_db().await;
+    let mut a_cfg = config(&db, &tag, &[Role::Gateway]);
+    a_cfg.bus.rabbitmq.amqp_url = url.clone();
+    let mut b_cfg = config(&db, &tag, &[Role::Gateway, Role::Persist]);
+    b_cfg.bus.rabbitmq.amqp_url = url;
+    let a = spawn_app(a_cfg).await;
+    let b = spawn_app(b_cfg).await;
+    let room = "chat.livegap";
+    let mut anna = a.client("anna").await;
+    let mut bert = b.client("bert").await;
+    anna.join(room, None).await;
+    bert.join(room, None).await;
+    bert.say(room, "before").await;
+    assert_eq!(anna.recv_type("message").await["text"], "before");
+
+    rabbitmqctl(&[
+        "set_vhost_limits",
+        "-p",
+        &vhost.0,
+        r#"{"max-connections": 0}"#,
+    ]);
+    let list = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "-p",
+        &vhost.0,
+        "pid",
+        "client_properties",
+    ]);
+    let live = format!("live-{}", a.instance);
+    let pids: Vec<&str> = list
+        .lines()
+        .filter(|l| l.contains(&live))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(pids.len(), 1, "gateway A's live connection: {list}");
+    rabbitmqctl(&["close_connection", pids[0], "test: live queue lost"]);
+    for i in 0..3 {
+        bert.say(room, &format!("missed{i}")).await;
+        bert.recv_type("ack").await;
+    }
+    let store = b.store.clone();
+    let room_id = RoomId::parse(room).unwrap();
+    eventually(Duration::from_secs(20), "the db-writer stored them", || {
+        let (store, room_id) = (store.clone(), room_id.clone());
+        async move { store.count_messages(Some(&room_id)).await.unwrap() >= 4 }
+    })
+    .await;
+    rabbitmqctl(&["clear_vhost_limits", "-p", &vhost.0]);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let v = anna.recv().await;
+        assert_ne!(v["type"], "gap", "the DB had them: {v}");
+        if v["type"] == "message" {
+            got.push(v["text"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert_eq!(got, ["missed0", "missed1", "missed2"]);
+    bert.say(room, "after").await;
+    loop {
+        let v = anna.recv().await;
+        assert_ne!(v["type"], "gap", "{v}");
+        if v["type"] == "message" {
+            assert_eq!(v["text"], "after", "exactly once: {v}");
+            break;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -162,3 +162,78 @@ async fn send_retries_are_published_once_on_redis() {
     common::multi::send_retries_are_published_once(bus_at(&url()).await, bus_at(&url()).await, &db)
         .await;
 }
+
+/// A gateway's own live subscription is interrupted while the other instance
+/// keeps publishing: its Pub/Sub connections are killed (`CLIENT KILL TYPE
+/// pubsub`) and new connections refused (`maxclients`) while three messages
+/// are acked. Redis kept nothing and neither did the db-writer (its Pub/Sub
+/// connection was killed too), so the gateway cannot fill the gap: its
+/// client is told with a `gap` frame naming the positions — not left to miss
+/// them silently — and live delivery resumes.
+#[tokio::test]
+async fn live_gap_is_told_on_redis() {
+    let server = common::redis_server::RedisServer::start().await;
+    let db = pg_db().await;
+    let mut a_cfg = redis_config(&db, &server.url(), &[Role::Gateway]);
+    a_cfg.limits.recovery_wait_ms = 1000;
+    a_cfg.bus.redis.redis_reconnect_max_ms = 300;
+    let a = spawn_app(a_cfg).await;
+    let b = spawn_app(redis_config(
+        &db,
+        &server.url(),
+        &[Role::Gateway, Role::Persist],
+    ))
+    .await;
+    let room = "chat.livegap";
+    let mut anna = a.client("anna").await;
+    let mut bert = b.client("bert").await;
+    anna.join(room, None).await;
+    bert.join(room, None).await;
+    bert.say(room, "before").await;
+    let before = anna.recv_type("message").await;
+    let from = before["seq"].as_i64().expect("seq");
+
+    let admin = redis::Client::open(server.url()).expect("url");
+    let mut admin = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let cmd = |args: &[&str]| {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c
+    };
+    let _: () = cmd(&["CONFIG", "SET", "maxclients", "1"])
+        .query_async(&mut admin)
+        .await
+        .expect("maxclients");
+    let _: i64 = cmd(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .query_async(&mut admin)
+        .await
+        .expect("client kill");
+    for i in 0..3 {
+        bert.say(room, &format!("missed{i}")).await;
+        bert.recv_type("ack").await;
+    }
+    let _: () = cmd(&["CONFIG", "SET", "maxclients", "10000"])
+        .query_async(&mut admin)
+        .await
+        .expect("maxclients");
+    let gap = anna.recv_type("gap").await;
+    assert_eq!(gap["room"], room, "{gap}");
+    assert_eq!(gap["from_seq"].as_i64(), Some(from), "{gap}");
+    assert_eq!(gap["to_seq"].as_i64(), Some(from + 3), "{gap}");
+    // Live again (the gap is only told once the subscription is back).
+    bert.say(room, "after").await;
+    loop {
+        let v = anna.recv().await;
+        if v["type"] == "message" {
+            assert_eq!(v["text"], "after", "nothing missed arrives late: {v}");
+            break;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}

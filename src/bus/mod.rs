@@ -220,6 +220,11 @@ pub trait RoomInterest: Send + Sync {
 pub struct Subscription {
     pub deliveries: mpsc::Receiver<Delivery>,
     pub interest: Arc<dyn RoomInterest>,
+    /// Counts the times the backend re-established this subscription under
+    /// the hood (a new connection, a re-declared queue). For a subscription
+    /// that keeps nothing while it is away (an instance group), each change
+    /// means messages may have been missed in between.
+    pub resumed: Option<tokio::sync::watch::Receiver<u64>>,
     _stop: Option<DropGuard>,
 }
 
@@ -232,8 +237,15 @@ impl Subscription {
         Subscription {
             deliveries,
             interest,
+            resumed: None,
             _stop: stop,
         }
+    }
+
+    /// Attaches the backend's resumption counter (see [`Subscription::resumed`]).
+    pub fn with_resumptions(mut self, resumed: tokio::sync::watch::Receiver<u64>) -> Self {
+        self.resumed = Some(resumed);
+        self
     }
 
     /// Next delivery; `None` once the subscription or the bus is closed.

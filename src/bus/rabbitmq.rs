@@ -531,7 +531,7 @@ impl MessageBus for RabbitBus {
             stop.clone(),
         );
         let (connect_opts, group) = (opts.clone(), opts.group.clone());
-        reconnect::spawn_session(
+        let resumed = reconnect::spawn_session(
             "rabbitmq",
             format!("consumer {group}"),
             Backoff::capped_ms(self.cfg.rabbitmq_reconnect_max_ms),
@@ -598,7 +598,7 @@ impl MessageBus for RabbitBus {
             },
         )
         .await?;
-        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())))
+        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())).with_resumptions(resumed))
     }
 
     async fn ready(&self) -> Result<(), BusError> {

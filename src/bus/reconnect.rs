@@ -61,7 +61,8 @@ pub enum SessionEnd {
 /// `pump` consumes it until it ends. Returns once the first connection is up
 /// (or with its error, or [`BusError::Unavailable`] after `ready_timeout`), so
 /// `subscribe` can honour "live when it returns". Later losses reconnect with
-/// `backoff` and count in `bus_reconnects_total{backend}`.
+/// `backoff` and count in `bus_reconnects_total{backend}`; the returned
+/// counter goes up with every reconnection (for [`super::Subscription::resumed`]).
 pub async fn spawn_session<S, C, CF, P, PF>(
     backend: &'static str,
     what: String,
@@ -70,7 +71,7 @@ pub async fn spawn_session<S, C, CF, P, PF>(
     ready_timeout: Duration,
     mut connect: C,
     mut pump: P,
-) -> Result<(), BusError>
+) -> Result<watch::Receiver<u64>, BusError>
 where
     S: Send + 'static,
     C: FnMut() -> CF + Send + 'static,
@@ -79,6 +80,7 @@ where
     PF: Future<Output = SessionEnd> + Send,
 {
     let (ready_tx, ready_rx) = oneshot::channel::<Result<(), BusError>>();
+    let (resumed_tx, resumed_rx) = watch::channel(0u64);
     let task_stop = stop.clone();
     let label = what.clone();
     tokio::spawn(async move {
@@ -107,6 +109,7 @@ where
                 None => {
                     metrics::counter!("bus_reconnects_total", "backend" => backend).increment(1);
                     tracing::info!(backend, %what, "reconnected");
+                    resumed_tx.send_modify(|n| *n += 1);
                 }
             }
             attempt = 0;
@@ -119,7 +122,7 @@ where
         }
     });
     match tokio::time::timeout(ready_timeout, ready_rx).await {
-        Ok(Ok(res)) => res,
+        Ok(Ok(res)) => res.map(|()| resumed_rx),
         _ => {
             stop.cancel();
             Err(BusError::Unavailable(format!(

@@ -254,7 +254,7 @@ impl MessageBus for RedisBus {
         let (client, closed) = (self.client.clone(), self.closed.clone());
         let (connect_interest, pump_interest, pump_stop) =
             (interest.clone(), interest.clone(), stop.clone());
-        reconnect::spawn_session(
+        let resumed = reconnect::spawn_session(
             "redis",
             format!("pub/sub {}", opts.group),
             Backoff::capped_ms(self.cfg.redis_reconnect_max_ms),
@@ -298,7 +298,7 @@ impl MessageBus for RedisBus {
             },
         )
         .await?;
-        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())))
+        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())).with_resumptions(resumed))
     }
 
     async fn ready(&self) -> Result<(), BusError> {

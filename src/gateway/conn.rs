@@ -139,6 +139,9 @@ impl Conn {
             recovered,
             head,
         } = recovery::history(&self.gw, &room, self.id, &since, ticket.recent).await;
+        if let Some(h) = &head {
+            self.gw.rooms.advance(&room, h.seq);
+        }
         let members = self.gw.rooms.members(&room);
         self.push(text(
             ServerFrame::Joined {

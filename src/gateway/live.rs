@@ -14,33 +14,37 @@ use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::rooms::{Frame, Rooms};
+use super::{Gateway, recovery};
 use crate::bus::reconnect::{Backoff, resubscribe_loop};
-use crate::bus::{Delivery, MessageBus, SubscribeOptions};
+use crate::bus::{Delivery, SubscribeOptions};
 use crate::protocol::BusEvent;
 
 /// Subscribes the instance group and signals `ready` once live; re-subscribes
-/// (re-adding every local room) whenever the subscription ends.
+/// (re-adding every local room) whenever the subscription ends. Whenever the
+/// stream was interrupted — a new subscription after the first, or the
+/// backend re-establishing it under the hood — every local room catches up
+/// ([`recovery::catch_up`]): its members get what they missed, or a `gap`.
 pub async fn run(
-    bus: Arc<dyn MessageBus>,
-    rooms: Arc<Rooms>,
+    gw: Arc<Gateway>,
     group: String,
     ready: tokio::sync::watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
-    let backend = bus.backend();
+    let backend = gw.bus.backend();
     let retry = Backoff::capped_ms(5_000);
     let interest_failures = AtomicU32::new(0);
+    let sessions = AtomicU32::new(0);
     resubscribe_loop(
         "live delivery",
-        bus.as_ref(),
+        gw.bus.as_ref(),
         SubscribeOptions::instance(group),
         &ready,
         &shutdown,
         |mut sub| {
-            let (rooms, shutdown) = (rooms.clone(), shutdown.clone());
-            let ready = &ready;
-            let interest_failures = &interest_failures;
+            let (gw, shutdown) = (gw.clone(), shutdown.clone());
+            let (ready, interest_failures, sessions) = (&ready, &interest_failures, &sessions);
             async move {
+                let rooms = gw.rooms.clone();
                 // A fresh subscription knows no rooms yet: re-add every room
                 // with local members before counting as live.
                 if let Err(e) = rooms.set_interest(sub.interest.clone()).await {
@@ -50,9 +54,17 @@ pub async fn run(
                     return retry.wait(attempt, &shutdown).await;
                 }
                 interest_failures.store(0, Ordering::Relaxed);
+                if sessions.fetch_add(1, Ordering::Relaxed) > 0 {
+                    catch_up_all(&gw);
+                }
+                let mut resumed = sub.resumed.take();
                 loop {
                     let d = tokio::select! {
                         _ = shutdown.cancelled() => return false,
+                        Some(()) = changed(&mut resumed) => {
+                            catch_up_all(&gw);
+                            continue;
+                        }
                         d = sub.next() => match d { Some(d) => d, None => return true },
                     };
                     let n = deliver(&rooms, &d);
@@ -64,6 +76,27 @@ pub async fn run(
         },
     )
     .await;
+}
+
+/// Resolves when the backend re-established the subscription; never when it
+/// cannot tell.
+async fn changed(resumed: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match resumed {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts a catch-up for every local room, from the last position delivered.
+fn catch_up_all(gw: &Arc<Gateway>) {
+    metrics::counter!("live_resumptions_total").increment(1);
+    for (room, last) in gw.rooms.positions() {
+        let gw = gw.clone();
+        tokio::spawn(async move { recovery::catch_up(&gw, &room, last.unwrap_or(0)).await });
+    }
 }
 
 /// Pushes one bus delivery to the room's local members (and records presence

@@ -25,7 +25,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use super::Gateway;
 use super::rooms::{ConnId, Frame};
-use crate::protocol::{BusEvent, ChatMessage, RoomId};
+use crate::protocol::{BusEvent, ChatMessage, RoomId, ServerFrame};
 use crate::store::RoomHead;
 
 /// Where a client says it is in a room (the fields of its `join`).
@@ -119,19 +119,42 @@ pub async fn history(
             head,
         };
     }
-    let wait = Duration::from_millis(gw.limits.recovery_wait_ms);
-    let deadline = tokio::time::Instant::now() + wait;
     let ring: Vec<Frame> = recent
         .into_iter()
         .filter(|f| f.seq.is_some_and(|q| q > from && q <= upto))
         .collect();
+    let (found, complete) = account(gw, room, from, upto, || {
+        let mut local = ring.clone();
+        local.extend(gw.rooms.held(room, conn));
+        local
+    })
+    .await;
+    Recovery {
+        frames: found.into_values().collect(),
+        recovered: complete,
+        head,
+    }
+}
+
+/// Finds every position `from+1 ..= upto` of `room` among `local()` frames
+/// (looked at again on every poll) and the DB, or void; waits for the
+/// db-writer up to `RECOVERY_WAIT_MS`. Returns the frames found, in room
+/// order, and whether every position was accounted for.
+async fn account(
+    gw: &Gateway,
+    room: &RoomId,
+    from: i64,
+    upto: i64,
+    local: impl Fn() -> Vec<Frame>,
+) -> (BTreeMap<i64, Frame>, bool) {
+    let wait = Duration::from_millis(gw.limits.recovery_wait_ms);
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let mut found: BTreeMap<i64, Frame> = BTreeMap::new();
         let mut void: HashSet<i64> = HashSet::new();
-        let held = gw.rooms.held(room, conn);
-        for f in ring.iter().chain(held.iter()) {
+        for f in local() {
             if let Some(q) = f.seq.filter(|q| *q > from && *q <= upto) {
-                found.entry(q).or_insert_with(|| f.clone());
+                found.entry(q).or_insert(f);
             }
         }
         let mut db_ok = true;
@@ -157,13 +180,56 @@ pub async fn history(
             if !complete {
                 metrics::counter!("recovery_incomplete_total").increment(1);
             }
-            return Recovery {
-                frames: found.into_values().collect(),
-                recovered: complete,
-                head,
-            };
+            return (found, complete);
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// After this instance's live subscription of `room` was interrupted (its
+/// last delivered position was `from`): delivers to the room's local members
+/// what they missed, from the DB, or — when not everything can be found —
+/// tells them with a `gap` frame, so no client silently misses a message.
+pub async fn catch_up(gw: &Gateway, room: &RoomId, from: i64) {
+    let head = match gw.store.room_head(room).await {
+        Ok(Some(h)) => Some(h.seq),
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, %room, "catch-up: room head unavailable");
+            None
+        }
+    };
+    if head.is_some_and(|h| h <= from) {
+        return;
+    }
+    let (found, complete) = match head {
+        Some(h) => account(gw, room, from, h, || gw.rooms.recent(room)).await,
+        None => (BTreeMap::new(), false),
+    };
+    let delivered: HashSet<i64> = gw.rooms.recent(room).iter().filter_map(|f| f.seq).collect();
+    let mut filled = 0u64;
+    for (q, f) in found {
+        if !delivered.contains(&q) {
+            gw.rooms.dispatch(room, f);
+            filled += 1;
+        }
+    }
+    metrics::counter!("live_gap_filled_total").increment(filled);
+    if !complete {
+        metrics::counter!("live_gap_told_total").increment(1);
+        let gap = ServerFrame::Gap {
+            room,
+            from_seq: from,
+            to_seq: head,
+        };
+        gw.rooms.dispatch(
+            room,
+            Frame {
+                id: None,
+                seq: None,
+                text: Utf8Bytes::from(gap.to_json()),
+            },
+        );
     }
 }
 

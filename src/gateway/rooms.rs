@@ -49,6 +49,9 @@ struct Room {
     /// (instance, user) → open connections, learned from presence events.
     remote: HashMap<(String, String), u32>,
     recent: VecDeque<Frame>,
+    /// Highest room position delivered here (for catch-up after this
+    /// instance's live subscription was interrupted).
+    last_seq: Option<i64>,
 }
 
 /// Largest number of frames held back for one member during a join.
@@ -269,6 +272,9 @@ impl Rooms {
                 }
             }
         }
+        if let Some(q) = frame.seq {
+            r.last_seq = Some(r.last_seq.map_or(q, |l| l.max(q)));
+        }
         if frame.id.is_some() && self.ring > 0 {
             if r.recent.len() == self.ring {
                 r.recent.pop_front();
@@ -276,6 +282,30 @@ impl Rooms {
             r.recent.push_back(frame);
         }
         n
+    }
+
+    /// Records that the room's stream is known up to position `seq` (a
+    /// member joined when the head was there).
+    pub fn advance(&self, room: &RoomId, seq: i64) {
+        if let Some(mut r) = self.rooms.get_mut(room) {
+            r.last_seq = Some(r.last_seq.map_or(seq, |l| l.max(seq)));
+        }
+    }
+
+    /// The recent ring of `room` (what this instance delivered lately).
+    pub fn recent(&self, room: &RoomId) -> Vec<Frame> {
+        self.rooms
+            .get(room)
+            .map(|r| r.recent.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every room with local members and the highest position delivered in it.
+    pub fn positions(&self) -> Vec<(RoomId, Option<i64>)> {
+        self.rooms
+            .iter()
+            .map(|r| (r.key().clone(), r.last_seq))
+            .collect()
     }
 
     /// All room ids with local members.
