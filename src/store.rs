@@ -71,6 +71,10 @@ pub struct Talker {
     pub messages: i64,
 }
 
+/// How long a voided position is remembered: a client resuming across an
+/// older one gets `recovered:false` (the position is then simply missing).
+pub const VOID_RETENTION_MS: i64 = 24 * 3_600_000;
+
 /// The last position handed out in a room, and the counter's epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomHead {
@@ -625,12 +629,15 @@ impl Store {
         Ok(())
     }
 
-    /// Drops `send` claims older than `older_than_ms` (the dedupe window) and
-    /// voided positions as old; returns the rows removed.
-    pub async fn prune_sends(&self, older_than_ms: i64) -> Result<u64, StoreError> {
-        let cutoff = now_ms() - older_than_ms;
+    /// Drops `send` claims older than `dedupe_window_ms` and voided positions
+    /// older than [`VOID_RETENTION_MS`]; returns the rows removed.
+    pub async fn prune_sends(&self, dedupe_window_ms: i64) -> Result<u64, StoreError> {
         let dedupe = self.sql("DELETE FROM send_dedupe WHERE created_at < $1");
-        let n = on_pool!(self, p => sqlx::query(&dedupe).bind(cutoff).execute(p).await?.rows_affected());
+        let voids = self.sql("DELETE FROM room_seq_void WHERE voided_at < $1");
+        let n = on_pool!(self, p => {
+            sqlx::query(&dedupe).bind(now_ms() - dedupe_window_ms).execute(p).await?.rows_affected()
+                + sqlx::query(&voids).bind(now_ms() - VOID_RETENTION_MS).execute(p).await?.rows_affected()
+        });
         Ok(n)
     }
 }
