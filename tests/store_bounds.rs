@@ -1,0 +1,112 @@
+//! The cursor and dedupe tables: what they answer and that each is pruned
+//! (README "Bounded state"), on SQLite and PostgreSQL.
+mod common;
+
+use chat_relay::protocol::{ChatMessage, MessageKind, RoomId};
+use chat_relay::store::Store;
+use common::app::{pg_db, sqlite_db};
+
+async fn cursor_and_dedupe(db: &str) {
+    let store = Store::connect(db).await.expect("store");
+    let room = RoomId::parse("chat.bounds").expect("room");
+    // Positions: 1, 2, 3 … in one epoch.
+    let first = store.next_seq(&room).await.expect("seq");
+    let second = store.next_seq(&room).await.expect("seq");
+    assert_eq!((first.seq, second.seq), (1, 2));
+    assert_eq!(first.epoch, second.epoch);
+    assert_eq!(store.room_head(&room).await.expect("head"), Some(second));
+    // A voided position shows in the range; a stored one with its seq.
+    store.void_seq(&room, 1).await.expect("void");
+    let m = ChatMessage {
+        room: room.clone(),
+        id: ulid::Ulid::new().to_string(),
+        user: "u".into(),
+        text: "t".into(),
+        ts: 1,
+        kind: MessageKind::Chat,
+        seq: Some(2),
+    };
+    store
+        .insert_messages(std::slice::from_ref(&m))
+        .await
+        .expect("insert");
+    let (rows, voids) = store.seq_range(&room, 0, 2).await.expect("range");
+    assert_eq!((rows, voids), (vec![m.clone()], vec![1]));
+    assert_eq!(store.seq_of(&room, &m.id).await.expect("seq_of"), Some(2));
+
+    // A cid claim: new, then taken (pending), then confirmed; a failed one is released.
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "c1", "id1")
+            .await
+            .expect("claim"),
+        None
+    );
+    let again = store
+        .claim_send(&room, "u", "c1", "id2")
+        .await
+        .expect("claim");
+    assert_eq!(
+        again.map(|c| (c.id, c.confirmed)),
+        Some(("id1".into(), false))
+    );
+    store
+        .settle_send(&room, "u", "c1", true)
+        .await
+        .expect("settle");
+    let again = store
+        .claim_send(&room, "u", "c1", "id3")
+        .await
+        .expect("claim");
+    assert_eq!(
+        again.map(|c| (c.id, c.confirmed)),
+        Some(("id1".into(), true))
+    );
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "c2", "id4")
+            .await
+            .expect("claim"),
+        None
+    );
+    store
+        .settle_send(&room, "u", "c2", false)
+        .await
+        .expect("settle");
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "c2", "id5")
+            .await
+            .expect("claim"),
+        None
+    );
+
+    // Pruning: a window of 0 ms drops every claim; voids stay for 24 h.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert_eq!(store.prune_sends(0).await.expect("prune"), 2);
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "c1", "id6")
+            .await
+            .expect("claim"),
+        None
+    );
+    let (_, voids) = store.seq_range(&room, 0, 2).await.expect("range");
+    assert_eq!(voids, vec![1]);
+
+    // Counted ids are dropped after the analytics window.
+    store.apply_analytics(&[m], 1000).await.expect("count");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(store.prune_activity(0).await.expect("prune") >= 1);
+}
+
+#[tokio::test]
+async fn cursor_and_dedupe_tables_sqlite() {
+    let (_d, db) = sqlite_db();
+    cursor_and_dedupe(&db).await;
+}
+
+#[tokio::test]
+async fn cursor_and_dedupe_tables_postgres() {
+    cursor_and_dedupe(&pg_db().await).await;
+}
