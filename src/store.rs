@@ -458,21 +458,78 @@ impl Store {
     /// Hands out the next position of `room` (its cursor), creating the
     /// counter with a fresh epoch on first use.
     pub async fn next_seq(&self, room: &RoomId) -> Result<RoomHead, StoreError> {
-        let sql = self.sql(
-            "INSERT INTO room_seq (room, seq, epoch) VALUES ($1, 1, $2) \
-             ON CONFLICT (room) DO UPDATE SET seq = room_seq.seq + 1 \
-             RETURNING seq, epoch",
-        );
-        let epoch = ulid::Ulid::new().to_string().to_lowercase();
-        let row = on_pool!(self, p => {
-            let r = sqlx::query(&sql)
-                .bind(room.as_str())
-                .bind(&epoch)
-                .fetch_one(p)
+        let mut heads = self.take_seqs(&[(room.clone(), 1)]).await?;
+        heads
+            .pop()
+            .ok_or_else(|| StoreError::Db(sqlx::Error::RowNotFound))
+    }
+
+    /// Takes `n` positions of each listed room (rooms distinct) in one
+    /// transaction — one commit for a whole batch of sends — and returns each
+    /// room's new head: the room got positions `head - n + 1 ..= head`.
+    pub async fn take_seqs(&self, rooms: &[(RoomId, i64)]) -> Result<Vec<RoomHead>, StoreError> {
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let epoch = || ulid::Ulid::new().to_string().to_lowercase();
+        match self {
+            Store::Postgres(p) => {
+                let names: Vec<&str> = rooms.iter().map(|(r, _)| r.as_str()).collect();
+                let counts: Vec<i64> = rooms.iter().map(|(_, n)| *n).collect();
+                let epochs: Vec<String> = rooms.iter().map(|_| epoch()).collect();
+                let rows = sqlx::query(
+                    "INSERT INTO room_seq (room, seq, epoch) \
+                     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[]) \
+                     ON CONFLICT (room) DO UPDATE SET seq = room_seq.seq + excluded.seq \
+                     RETURNING room, seq, epoch",
+                )
+                .bind(names)
+                .bind(counts)
+                .bind(epochs)
+                .fetch_all(p)
                 .await?;
-            RoomHead { seq: r.try_get(0)?, epoch: r.try_get(1)? }
-        });
-        Ok(row)
+                let mut by_room: HashMap<String, RoomHead> = HashMap::with_capacity(rows.len());
+                for r in &rows {
+                    by_room.insert(
+                        r.try_get("room")?,
+                        RoomHead {
+                            seq: r.try_get("seq")?,
+                            epoch: r.try_get("epoch")?,
+                        },
+                    );
+                }
+                rooms
+                    .iter()
+                    .map(|(room, _)| {
+                        by_room
+                            .remove(room.as_str())
+                            .ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+                    })
+                    .collect()
+            }
+            Store::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let mut heads = Vec::with_capacity(rooms.len());
+                for (room, n) in rooms {
+                    let r = sqlx::query(
+                        "INSERT INTO room_seq (room, seq, epoch) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (room) DO UPDATE SET seq = room_seq.seq + excluded.seq \
+                         RETURNING seq, epoch",
+                    )
+                    .bind(room.as_str())
+                    .bind(n)
+                    .bind(epoch())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    heads.push(RoomHead {
+                        seq: r.try_get(0)?,
+                        epoch: r.try_get(1)?,
+                    });
+                }
+                tx.commit().await?;
+                Ok(heads)
+            }
+        }
     }
 
     /// The last position handed out in `room` (`None`: no message yet).

@@ -19,7 +19,10 @@ CREATE TABLE IF NOT EXISTS room_seq_void (
     PRIMARY KEY (room, seq)
 );
 -- `send` retries: (room, user, cid) → the message id it was published as.
-CREATE TABLE IF NOT EXISTS send_dedupe (
+-- UNLOGGED: a cache of recent sends, written on every `send` with a `cid`;
+-- no WAL flush per send. A PostgreSQL crash empties it (a retry across the
+-- crash may then publish twice) — the README says so.
+CREATE UNLOGGED TABLE IF NOT EXISTS send_dedupe (
     room       TEXT NOT NULL,
     user_name  TEXT NOT NULL,
     cid        TEXT NOT NULL,

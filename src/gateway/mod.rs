@@ -18,6 +18,7 @@ pub mod conn;
 pub mod live;
 pub mod recovery;
 pub mod rooms;
+pub mod sequencer;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -74,6 +75,8 @@ pub struct Gateway {
     pub connections: AtomicI64,
     /// Striped per-room send locks (see [`Gateway::room_turn`]).
     turns: Vec<tokio::sync::Mutex<()>>,
+    /// Hands out room positions, one commit per burst of sends.
+    sequencer: sequencer::Sequencer,
 }
 
 /// Stripes of the per-room send lock.
@@ -95,6 +98,7 @@ impl Gateway {
         Gateway {
             bus,
             rooms,
+            sequencer: sequencer::Sequencer::spawn(store.clone()),
             store,
             ids,
             limits,
@@ -134,7 +138,7 @@ impl Gateway {
             metrics::counter!("send_retries_deduplicated_total").increment(1);
             return Ok(earlier);
         }
-        let head = match self.store.next_seq(&room).await {
+        let head = match self.sequencer.next(&room).await {
             Ok(h) => h,
             Err(e) => {
                 self.settle(&room, &user, cid, None);
