@@ -11,9 +11,10 @@ bash scripts/services.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
-cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
+mkdir -p target
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 echo "== k6 fan-out smoke"
 cargo build --quiet
 RELAY_BIN="$PWD/target/debug/chat-relay" bash loadtest/smoke.sh
@@ -22,3 +23,6 @@ if [ -x e2e/run.sh ]; then
   cargo build --quiet
   RELAY_BIN="$PWD/target/debug/chat-relay" bash e2e/run.sh
 fi
+
+echo "== the README's run command, verbatim: cargo run --release"
+bash scripts/run-command-check.sh

@@ -49,9 +49,10 @@ pub struct Config {
     #[arg(long, env = "TCP_NODELAY", default_value_t = true, action = clap::ArgAction::Set)]
     pub tcp_nodelay: bool,
 
-    /// Directory served at `/` (the browser client).
-    #[arg(long, env = "STATIC_DIR", default_value = "static")]
-    pub static_dir: String,
+    /// Directory to serve at `/` instead of the browser client embedded in
+    /// the binary (for working on the client without rebuilding).
+    #[arg(long, env = "STATIC_DIR")]
+    pub static_dir: Option<String>,
 
     #[command(flatten)]
     pub bus: BusConfig,

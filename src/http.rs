@@ -13,7 +13,6 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
-use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{self, Authenticator, ConnCounter, Identity, RoomPolicy};
@@ -37,8 +36,8 @@ pub struct HttpState {
     pub lag_groups: Arc<[String]>,
     /// This process runs the gateway role: serve `/ws` and the browser client.
     pub serve_gateway: bool,
-    /// Directory served at `/`.
-    pub static_dir: String,
+    /// Directory served at `/` instead of the embedded client (development).
+    pub static_dir: Option<String>,
 }
 
 impl HttpState {
@@ -98,7 +97,7 @@ pub fn router(state: HttpState) -> Router {
     if state.serve_gateway {
         r = r
             .route("/ws", get(ws))
-            .fallback_service(ServeDir::new(&state.static_dir));
+            .merge(crate::assets::client_service(state.static_dir.as_deref()));
     }
     r.layer(TraceLayer::new_for_http()).with_state(state)
 }

@@ -13,6 +13,7 @@
 //!   per backend, and the one reconnect loop ([`bus::reconnect`]).
 //! * [`workers`] — the shared consumer groups behind the bus: persistence, analytics.
 //! * [`store`] — SQLite / PostgreSQL: messages, history, analytics aggregates.
+//! * [`assets`] — the browser client, embedded in the binary.
 //! * [`auth`] — JWT identities, room claims, browser origins, per-IP connection slots.
 //! * [`config`], [`settings`] — every setting from env with clap flags, defaults written once.
 //! * [`ids`] — message ids.
@@ -20,6 +21,7 @@
 //! * [`app`] — `Application::build(config)` → bound port → `run_until_stopped()`.
 //! * [`telemetry`] — logging set-up.
 pub mod app;
+pub mod assets;
 pub mod auth;
 pub mod bus;
 pub mod config;

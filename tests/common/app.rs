@@ -109,7 +109,6 @@ pub fn test_config(database_url: &str) -> Config {
     let mut cfg = Config::from_env().expect("config");
     cfg.bind = "127.0.0.1:0".parse().expect("addr");
     cfg.database_url = database_url.to_string();
-    cfg.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").to_string();
     cfg.persist.batch_wait_ms = 20;
     cfg.analytics.flush_ms = 100;
     cfg.limits.rate_per_sec = 1000;
