@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Acker, AllRooms, BusError, Capabilities, Delivery, GroupKind, LocalRooms, MessageBus, Outgoing,
+    Acker, AllRooms, BusError, Capabilities, ConsumerLag, Delivery, GroupKind, LocalRooms, MessageBus, Outgoing,
     RoomInterest, RoomScope, SubscribeOptions, Subscription,
 };
 use crate::protocol::RoomId;
@@ -151,6 +151,10 @@ impl MessageBus for MemoryBus {
         }
     }
 
+    fn consumer_lag(&self) -> Option<&dyn ConsumerLag> {
+        Some(self)
+    }
+
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
         if self.closed.is_cancelled() {
             return Err(BusError::Closed);
@@ -260,5 +264,15 @@ impl MessageBus for MemoryBus {
 
     async fn close(&self) {
         self.closed.cancel();
+    }
+}
+
+/// A group's lag is what waits in its queue (not yet handed to a member);
+/// handed-out, unacked deliveries come back to the queue when dropped.
+#[async_trait]
+impl ConsumerLag for MemoryBus {
+    async fn lag(&self, group: &str) -> Option<i64> {
+        let groups = self.groups.read().ok()?;
+        groups.get(group).map(|g| g.rx.len() as i64)
     }
 }
