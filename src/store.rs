@@ -28,6 +28,41 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported DATABASE_URL (want sqlite:// or postgres://): {0}")]
     BadUrl(String),
+    #[error("cannot lock {0} for migrations: {1}")]
+    Lock(String, std::io::Error),
+}
+
+/// The database file of a SQLite URL (`None` for an in-memory database).
+fn opts_filename(url: &str) -> Option<std::path::PathBuf> {
+    let opts = SqliteConnectOptions::from_str(url).ok()?;
+    let path = opts.get_filename();
+    let s = path.to_string_lossy();
+    (!s.is_empty() && s != ":memory:").then(|| path.to_path_buf())
+}
+
+/// An exclusive OS lock on `<db>.migrate-lock`, held until dropped (the
+/// lock is released when the file is closed, also if the process dies).
+async fn migration_lock(
+    db: Option<std::path::PathBuf>,
+) -> Result<Option<std::fs::File>, StoreError> {
+    let Some(db) = db else { return Ok(None) };
+    let mut name = db.into_os_string();
+    name.push(".migrate-lock");
+    let path = std::path::PathBuf::from(name);
+    let shown = path.display().to_string();
+    let locked = tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        f.lock()?;
+        Ok::<_, std::io::Error>(f)
+    })
+    .await
+    .map_err(|e| StoreError::Lock(shown.clone(), std::io::Error::other(e)))?
+    .map_err(|e| StoreError::Lock(shown, e))?;
+    Ok(Some(locked))
 }
 
 /// A connection pool to one of the two supported databases.
@@ -117,6 +152,10 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
+            // Two processes starting at once on a fresh file would both see
+            // no migration applied and race to apply them: hold an exclusive
+            // lock on a file beside the database while migrating.
+            let _lock = migration_lock(opts_filename(url)).await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
             Store::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {

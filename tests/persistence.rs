@@ -51,7 +51,10 @@ impl TableLock {
         use sqlx::Connection as _;
         if db.starts_with("sqlite:") {
             let mut c = sqlx::SqliteConnection::connect(db).await.expect("sqlite");
-            sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await.expect("lock");
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .expect("lock");
             TableLock::Sqlite(c)
         } else {
             let mut c = sqlx::PgConnection::connect(db).await.expect("pg");
@@ -130,10 +133,14 @@ async fn crash_restart_without_duplicates(db: &str) {
             .await
             .unwrap_or(i64::MAX)
     };
-    eventually(Duration::from_secs(30), "the worker holds deliveries", || {
-        let bus = bus.clone();
-        async move { lag(bus).await < (n - half) as i64 }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the worker holds deliveries",
+        || {
+            let bus = bus.clone();
+            async move { lag(bus).await < (n - half) as i64 }
+        },
+    )
     .await;
     w1.abort();
     let _ = w1.await;

@@ -110,3 +110,17 @@ async fn cursor_and_dedupe_tables_sqlite() {
 async fn cursor_and_dedupe_tables_postgres() {
     cursor_and_dedupe(&pg_db().await).await;
 }
+
+/// Two relays starting at once on a fresh SQLite file both migrate it without
+/// error (they took turns on the migration lock), ten times over.
+#[tokio::test]
+async fn concurrent_starts_on_a_fresh_sqlite_file() {
+    for _ in 0..10 {
+        let (_d, db) = sqlite_db();
+        let (a, b) = tokio::join!(Store::connect(&db), Store::connect(&db));
+        let (a, b) = (a.expect("first start"), b.expect("second start"));
+        let room = RoomId::parse("chat.race").expect("room");
+        assert_eq!(a.next_seq(&room).await.expect("seq").seq, 1);
+        assert_eq!(b.next_seq(&room).await.expect("seq").seq, 2);
+    }
+}

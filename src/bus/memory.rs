@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Acker, AllRooms, BusError, Capabilities, ConsumerLag, Delivery, GroupKind, LocalRooms, MessageBus, Outgoing,
-    RoomInterest, RoomScope, SubscribeOptions, Subscription,
+    Acker, AllRooms, BusError, Capabilities, ConsumerLag, Delivery, GroupKind, LocalRooms,
+    MessageBus, Outgoing, RoomInterest, RoomScope, SubscribeOptions, Subscription,
 };
 use crate::protocol::RoomId;
 
