@@ -147,15 +147,16 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10));
+            // Two processes starting at once on a fresh file would race to
+            // switch it to WAL ("database is locked") and to apply the same
+            // migrations: hold an exclusive lock on a file beside the
+            // database while opening and migrating it.
+            let _lock = migration_lock(opts_filename(url)).await?;
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
-            // Two processes starting at once on a fresh file would both see
-            // no migration applied and race to apply them: hold an exclusive
-            // lock on a file beside the database while migrating.
-            let _lock = migration_lock(opts_filename(url)).await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
             Store::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
