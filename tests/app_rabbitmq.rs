@@ -41,6 +41,7 @@ fn config(db: &str, tag: &str, roles: &[Role]) -> Config {
 #[tokio::test]
 async fn two_instances_act_as_one_on_rabbitmq() {
     let tag = common::conformance::uniq("m");
+    let _clean = common::rabbit::Cleanup::new(format!("app-{tag}"));
     let db = pg_db().await;
     common::multi::two_instances_act_as_one(bus(rabbit(&tag)).await, bus(rabbit(&tag)).await, &db)
         .await;
@@ -49,6 +50,7 @@ async fn two_instances_act_as_one_on_rabbitmq() {
 #[tokio::test]
 async fn gateway_crash_clients_resume_on_the_other_on_rabbitmq() {
     let tag = common::conformance::uniq("c");
+    let _clean = common::rabbit::Cleanup::new(format!("app-{tag}"));
     let db = pg_db().await;
     common::multi::gateway_crash_clients_resume_on_the_other(
         bus(rabbit(&tag)).await,
@@ -63,6 +65,7 @@ async fn gateway_crash_clients_resume_on_the_other_on_rabbitmq() {
 #[tokio::test]
 async fn persistence_stopped_then_restarted_stores_everything_once() {
     let tag = common::conformance::uniq("p");
+    let _clean = common::rabbit::Cleanup::new(format!("app-{tag}"));
     let db = pg_db().await;
     let gateway = spawn_app(config(&db, &tag, &[Role::Gateway])).await;
     let persist = spawn_app(config(&db, &tag, &[Role::Persist])).await;
@@ -108,6 +111,7 @@ async fn persistence_stopped_then_restarted_stores_everything_once() {
 #[tokio::test]
 async fn resume_is_a_proof_on_rabbitmq() {
     let tag = common::conformance::uniq("r");
+    let _clean = common::rabbit::Cleanup::new(format!("app-{tag}"));
     let db = pg_db().await;
     common::multi::resume_is_a_proof(
         bus(rabbit(&tag)).await,
@@ -122,6 +126,7 @@ async fn resume_is_a_proof_on_rabbitmq() {
 #[tokio::test]
 async fn send_retries_are_published_once_on_rabbitmq() {
     let tag = common::conformance::uniq("d");
+    let _clean = common::rabbit::Cleanup::new(format!("app-{tag}"));
     let db = pg_db().await;
     common::multi::send_retries_are_published_once(
         bus(rabbit(&tag)).await,
@@ -166,6 +171,7 @@ impl Drop for Vhost {
 #[tokio::test]
 async fn live_gap_is_filled_on_rabbitmq() {
     let tag = common::conformance::uniq("g");
+    let _clean = common::rabbit::Cleanup::new(format!("app-{tag}"));
     let vhost = Vhost(format!("gap-{tag}"));
     rabbitmqctl(&["add_vhost", &vhost.0]);
     rabbitmqctl(&["set_permissions", "-p", &vhost.0, "guest", ".*", ".*", ".*"]);

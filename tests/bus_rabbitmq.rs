@@ -28,8 +28,11 @@ async fn bus_with(cfg: RabbitConfig) -> RabbitBus {
         .unwrap_or_else(|e| panic!("RabbitMQ at {url} is unreachable: {e}"))
 }
 
-async fn bus() -> RabbitBus {
-    bus_with(cfg()).await
+/// A bus on a fresh exchange; its exchange and queues are deleted with it.
+async fn bus() -> common::rabbit::CleanBus {
+    let cfg = cfg();
+    let marker = cfg.rabbitmq_exchange.clone();
+    common::rabbit::CleanBus::new(bus_with(cfg).await, &marker)
 }
 
 conformance_tests!(bus().await);
@@ -117,6 +120,7 @@ async fn unacked_messages_go_to_another_consumer() {
 #[tokio::test]
 async fn connection_loss_reconnects_and_rebinds() {
     let cfg = cfg();
+    let _clean = common::rabbit::Cleanup::new(cfg.rabbitmq_exchange.clone());
     let exchange = cfg.rabbitmq_exchange.clone();
     let bus = Arc::new(bus_with(cfg).await);
     let room = c::room("loss");

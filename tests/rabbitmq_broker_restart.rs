@@ -39,6 +39,7 @@ impl Drop for StartOnDrop {
 async fn broker_stopped_and_started_under_the_relay() {
     let db = pg_db().await;
     let tag = common::conformance::uniq("rr");
+    let _clean = common::rabbit::Cleanup::new(format!("test-{tag}"));
     let mut cfg = test_config(&db);
     cfg.bus.bus = BusKind::Rabbitmq;
     cfg.bus.rabbitmq.rabbitmq_exchange = format!("test-{tag}");

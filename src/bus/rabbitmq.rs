@@ -165,6 +165,14 @@ pub struct RabbitBus {
     reconnects: Arc<AtomicU64>,
 }
 
+/// The last handle gone, every background task of this bus (publisher
+/// keeper, subscription reconnect loops) stops: none outlives its bus.
+impl Drop for RabbitBus {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
 /// Opens the publisher connection and channel (confirm mode).
 async fn open_publisher(cfg: &RabbitConfig) -> Result<(Connection, Channel), BusError> {
     let conn = open(cfg, "publisher").await?;

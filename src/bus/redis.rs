@@ -127,6 +127,14 @@ impl RedisBus {
     }
 }
 
+/// The last handle gone, every subscription reconnect loop of this bus
+/// stops: none outlives its bus.
+impl Drop for RedisBus {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
 /// Rooms of one subscription and the sink of its current connection. The
 /// lock is held while re-subscribing after a reconnect, so an `add_room`
 /// racing with it is never lost.

@@ -128,12 +128,61 @@ pub fn sqlite_db() -> (tempfile::TempDir, String) {
     (dir, url)
 }
 
+fn pg_base() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
 /// A fresh PostgreSQL database on `TEST_DATABASE_URL` (default the local
-/// server). Fails loudly when PostgreSQL is unreachable: never skips.
-pub async fn pg_db() -> String {
+/// server), dropped again (`WITH (FORCE)`) when the value is dropped — at
+/// the end of the test, also when it panics. Fails loudly when PostgreSQL is
+/// unreachable: never skips. Derefs to its URL.
+pub struct PgDb {
+    url: String,
+    name: String,
+}
+
+impl std::ops::Deref for PgDb {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for PgDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // Drop may run inside the test's runtime: use a thread of its own.
+        let (base, name) = (pg_base(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&base).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(_))) {
+            eprintln!("test database {} was not dropped", self.name);
+        }
+    }
+}
+
+pub async fn pg_db() -> PgDb {
     use sqlx::Connection;
-    let base = std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let base = pg_base();
     let mut conn = sqlx::PgConnection::connect(&base)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {base} is unreachable: {e}"));
@@ -143,7 +192,10 @@ pub async fn pg_db() -> String {
         .await
         .expect("create database");
     let (prefix, _) = base.rsplit_once('/').expect("db url");
-    format!("{prefix}/{name}")
+    PgDb {
+        url: format!("{prefix}/{name}"),
+        name,
+    }
 }
 
 pub async fn spawn_app(cfg: Config) -> TestApp {

@@ -4,5 +4,6 @@
 pub mod app;
 pub mod conformance;
 pub mod multi;
+pub mod rabbit;
 pub mod redis_server;
 pub mod tansu_server;
