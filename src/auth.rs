@@ -84,6 +84,8 @@ impl RoomPolicy {
 pub struct Identity {
     pub user: String,
     pub rooms: RoomPolicy,
+    /// The token's `exp` (unix seconds): an open socket is closed then.
+    pub expires_at: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +93,9 @@ struct Claims {
     sub: String,
     #[serde(default)]
     rooms: Option<Vec<String>>,
+    /// Required by the validation; kept to close sockets when it passes.
+    #[serde(default)]
+    exp: Option<i64>,
 }
 
 /// Verifies tokens, or lets everyone in when no key is configured.
@@ -178,6 +183,7 @@ impl Authenticator {
         Ok(Some(Identity {
             user: c.sub,
             rooms: c.rooms.map(RoomPolicy::only).unwrap_or_default(),
+            expires_at: c.exp,
         }))
     }
 }

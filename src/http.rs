@@ -148,9 +148,17 @@ async fn ws(
         .verify(auth::token_from(&headers, p.token.as_deref()))
     {
         // The name comes from the token; `?user=` is ignored.
-        Ok(Some(id)) => Ok((id.user, id.rooms)),
+        Ok(Some(id)) => Ok(conn::Session {
+            user: id.user,
+            rooms: id.rooms,
+            expires_at: id.expires_at,
+        }),
         Ok(None) => match p.user {
-            Some(u) if valid_user(&u) => Ok((u, RoomPolicy::any())),
+            Some(u) if valid_user(&u) => Ok(conn::Session {
+                user: u,
+                rooms: RoomPolicy::any(),
+                expires_at: None,
+            }),
             Some(_) => Err("user name must be 1-32 characters, no control characters".to_string()),
             None => Err("missing ?user=<name>".to_string()),
         },

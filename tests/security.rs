@@ -364,3 +364,19 @@ async fn resource_limits_answer_clearly() {
     }
     app.stop().await;
 }
+
+/// A token that expires while its socket is open: the socket is closed with
+/// 4001 ("token expired") when `exp` passes, not left open for as long as the
+/// client likes.
+#[tokio::test]
+async fn an_open_socket_closes_when_its_token_expires() {
+    let (_d, app) = app_with(|c| c.auth.auth_jwt_secret = Some(SECRET.into())).await;
+    let token = hs256(SECRET, json!({"sub": "tess", "exp": now() + 2}));
+    let mut c = try_ws(&ws(&app, &format!("token={token}")), &[])
+        .await
+        .expect("a valid token connects");
+    c.join("chat.expiry", None).await;
+    // Without the expiry the socket would stay open and this would time out.
+    assert_eq!(c.recv_close().await, Some(4001));
+    app.stop().await;
+}

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt};
@@ -29,6 +29,17 @@ pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_TRY_AGAIN: u16 = 1013;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Application close code (4000-4999 are the application's): the token's
+/// `exp` passed while the socket was open.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+
+/// Who is on a socket: the name, the rooms the token allows and when the
+/// token expires (`None`: authentication is off).
+pub struct Session {
+    pub user: String,
+    pub rooms: RoomPolicy,
+    pub expires_at: Option<i64>,
+}
 
 struct Conn {
     id: ConnId,
@@ -206,18 +217,34 @@ impl Conn {
     }
 }
 
+/// Resolves when the token expiring at `exp` (unix seconds) expires; never
+/// without one.
+async fn token_expiry(exp: Option<i64>) {
+    match exp {
+        Some(exp) => {
+            let left = exp.saturating_mul(1000) - chrono::Utc::now().timestamp_millis();
+            tokio::time::sleep(std::time::Duration::from_millis(left.max(0) as u64)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one upgraded socket until the client leaves, is kicked, or the
 /// server shuts down.
 pub async fn serve(
     socket: WebSocket,
-    user: Result<(String, RoomPolicy), String>,
+    user: Result<Session, String>,
     gw: Arc<Gateway>,
     slot: ConnSlot,
 ) {
     // Held for the life of the connection: frees the per-IP slot on return.
     let _slot = slot;
     let (mut sink, mut stream) = socket.split();
-    let (user, rooms_allowed) = match user {
+    let Session {
+        user,
+        rooms: rooms_allowed,
+        expires_at,
+    } = match user {
         Ok(u) => u,
         Err(reason) => {
             let _ = sink
@@ -241,26 +268,27 @@ pub async fn serve(
     let (tx, rx) = flume::bounded::<Frame>(limits.outbound_queue.max(1));
     // One token for every reason to stop: server shutdown (it is a child of
     // the shutdown token), a slow client (the room registry cancels it), an
-    // oversized frame (flagged in `oversize`). Reader and writer each create
+    // oversized frame or an expired token (their close code in `close_code`). Reader and writer each create
     // its `cancelled()` future once, not once per frame: the writer wakes for
     // every delivery, and re-registering several waiters per wake showed up in
     // profiles.
     let kick = gw.shutdown.child_token();
-    let oversize = Arc::new(AtomicBool::new(false));
+    // Why the connection is being closed, when it is not the default
+    // (shutdown or a slow client): a close code set before `kick` fires.
+    let close_code = Arc::new(AtomicU16::new(0));
     metrics::gauge!("ws_connections").increment(1.0);
     gw.connections.fetch_add(1, Ordering::Relaxed);
 
     // Writer: drains the queue, batching queued frames into one flush.
-    let (writer_kick, writer_oversize, shutdown) =
-        (kick.clone(), oversize.clone(), gw.shutdown.clone());
+    let (writer_kick, writer_close_code, shutdown) =
+        (kick.clone(), close_code.clone(), gw.shutdown.clone());
     let writer = tokio::spawn(async move {
         let close = || {
-            let (code, reason) = if writer_oversize.load(Ordering::Relaxed) {
-                (CLOSE_TOO_BIG, "frame too big")
-            } else if shutdown.is_cancelled() {
-                (CLOSE_GOING_AWAY, "server shutting down")
-            } else {
-                (CLOSE_TRY_AGAIN, "too slow: outbound queue full")
+            let (code, reason) = match writer_close_code.load(Ordering::Relaxed) {
+                CLOSE_TOO_BIG => (CLOSE_TOO_BIG, "frame too big"),
+                CLOSE_TOKEN_EXPIRED => (CLOSE_TOKEN_EXPIRED, "token expired"),
+                _ if shutdown.is_cancelled() => (CLOSE_GOING_AWAY, "server shutting down"),
+                _ => (CLOSE_TRY_AGAIN, "too slow: outbound queue full"),
             };
             Message::Close(Some(CloseFrame {
                 code,
@@ -312,9 +340,19 @@ pub async fn serve(
 
     let reader_stopped = kick.cancelled();
     tokio::pin!(reader_stopped);
+    // A token's `exp` is enforced on the open socket too, not only at the
+    // upgrade: the socket is closed with 4001 when it passes.
+    let expiry = token_expiry(expires_at);
+    tokio::pin!(expiry);
     loop {
         let msg = tokio::select! {
             _ = &mut reader_stopped => break,
+            _ = &mut expiry => {
+                metrics::counter!("ws_token_expired_total").increment(1);
+                close_code.store(CLOSE_TOKEN_EXPIRED, Ordering::Relaxed);
+                kick.cancel();
+                break;
+            }
             m = stream.next() => m,
         };
         let msg = match msg {
@@ -324,7 +362,7 @@ pub async fn serve(
                 let s = e.to_string();
                 if s.contains("too long") || s.contains("too big") || s.contains("Space limit") {
                     metrics::counter!("ws_oversized_frames_total").increment(1);
-                    oversize.store(true, Ordering::Relaxed);
+                    close_code.store(CLOSE_TOO_BIG, Ordering::Relaxed);
                     kick.cancel();
                 }
                 break;
