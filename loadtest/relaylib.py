@@ -1,0 +1,241 @@
+"""Shared pieces of the load tools in loadtest/: the relay process, the
+generators (k6's fanout.js and the lean Rust loadgen, one interface), and the
+small helpers every script needs. Imported by compare.py, faults.py, perf.py,
+density.py, soak.py and stepped.py (run them from anywhere: Python puts this
+directory on the import path).
+
+Dependencies are declared in loadtest/requirements.txt (installed by
+scripts/services.sh); nothing is installed at run time.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN = os.path.join(ROOT, "target/release/loadgen")
+
+
+def build():
+    """Release builds of the relay and the bench tools (the bench/ workspace member)."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def get(url, timeout=2):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def wait_ready(port, secs=60):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        try:
+            if get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"relay on :{port} not ready after {secs}s")
+
+
+def cpu_seconds(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def rss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def psql(sql, db="test"):
+    out = subprocess.run(
+        ["psql", f"postgres://postgres@127.0.0.1:5432/{db}", "-qtAc", sql],
+        check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip()
+
+
+def k6_fanout(relays, prefix, p, run_s, out_json, wait=True):
+    """Runs loadtest/fanout.js. With wait=True returns (proc, k6's output);
+    with wait=False (proc, started): an Event set once publishing began, and
+    proc.finish() waits for the end. loadgen_fanout has the same interface."""
+    env = dict(os.environ,
+               K6_RELAYS=",".join(f"http://127.0.0.1:{r.port}" for r in relays),
+               K6_ROOMS=str(p["rooms"]), K6_SUBS=str(p["subs"]), K6_RATE=str(p["rate"]),
+               K6_RUN=f"{run_s}s", K6_SIZE=str(p["size"]), K6_WARMUP_S="3", K6_DRAIN_S="5",
+               K6_PUBLISHERS=str(max(50, p["rate"] // 8)),
+               K6_ROOM_PREFIX=prefix, K6_SUMMARY_JSON=out_json)
+    proc = subprocess.Popen(["k6", "run", "-q", "--no-usage-report", os.path.join(ROOT, "loadtest/fanout.js")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.finish = lambda: proc.communicate()[0]
+    if wait:
+        return proc, proc.finish()
+    # Publishing starts after the K6_WARMUP_S above.
+    started = threading.Event()
+    threading.Timer(3, started.set).start()
+    return proc, started
+
+
+def loadgen_cmd(relays, rooms, subs, publishers, rate, seconds, size, prefix):
+    """The lean generator's fan-out command line (loadtest/perf.py uses it too)."""
+    return [LOADGEN, "--url", ",".join(f"ws://127.0.0.1:{r.port}" for r in relays),
+            "--rooms", str(rooms), "--subs", str(subs), "--publishers", str(publishers),
+            "--rate", str(rate), "--seconds", str(seconds), "--size", str(size), "--prefix", prefix]
+
+
+def loadgen_fanout(relays, prefix, p, run_s, out_json, wait=True):
+    """The same fan-out with the lean Rust generator (target/release/loadgen):
+    WebSocket publishers instead of k6's HTTP posts, for rates at which k6
+    saturates the machine first. Writes its result in the k6 summary's shape
+    (late sends stand in for dropped iterations: loadgen never drops, it
+    sends late). With wait=False returns (proc, started) where `started` is an
+    Event set when publishing begins."""
+    cmd = loadgen_cmd(relays, p["rooms"], p["subs"], max(50, p["rate"] // 8), p["rate"], run_s, p["size"], prefix)
+    gen = Loadgen(cmd + ["--drain", "5"])
+
+    def finish():
+        r = gen.result()
+        summary = dict(generator="loadgen", publish_acked=r["acked"], lost=r["lost"], duplicates=r["duplicates"],
+                       reordered=r["reordered"], e2e_ms=r["e2e_ms"], deliveries_per_s=r["deliveries_per_s"],
+                       rate=p["rate"], duration_s=run_s, dropped_iterations=r["late_sends"], raw=r)
+        with open(out_json, "w") as f:
+            json.dump(summary, f, indent=2)
+        return (f"loadgen: acked {r['acked']}, {r['deliveries_per_s']:.0f} deliveries/s, p50 {r['e2e_ms']['p50']} ms, "
+                f"p99 {r['e2e_ms']['p99']} ms, lost {r['lost']} dup {r['duplicates']} reordered {r['reordered']}, "
+                f"late sends {r['late_sends']}")
+
+    gen.proc.finish = finish
+    if wait:
+        return gen.proc, finish()
+    return gen.proc, gen.events["publish-start"]
+
+
+def fanout(gen, *a, **kw):
+    return (loadgen_fanout if gen == "loadgen" else k6_fanout)(*a, **kw)
+
+
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_until(pred, secs, what):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{what} not ready after {secs}s")
+
+
+class Relay:
+    """One relay process (target/release/chat-relay, or CHAT_RELAY_BIN for an
+    A/B of another build) with its roles and environment, on its own port.
+    It can be stopped (SIGTERM), killed (SIGKILL) and started again on the
+    same port (a restart in place)."""
+
+    def __init__(self, name, env, roles, logdir, port=None):
+        self.name, self.env, self.roles, self.logdir = name, env, roles, logdir
+        self.port = port or free_port()
+        self.binary = os.environ.get("CHAT_RELAY_BIN", os.path.join(ROOT, "target/release/chat-relay"))
+        self.start()
+
+    def start(self):
+        e = dict(os.environ, **self.env)
+        e.update(BIND=f"127.0.0.1:{self.port}", ROLES=self.roles, INSTANCE_ID=self.name, RUST_LOG="warn")
+        self.log = open(os.path.join(self.logdir, f"{self.name}.log"), "a")
+        self.proc = subprocess.Popen([self.binary], env=e, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_ready(self.port)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def metric(self, name):
+        try:
+            _, body = get(f"http://127.0.0.1:{self.port}/metrics")
+        except Exception:
+            return 0.0
+        total = 0.0
+        for line in body.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    pass
+        return total
+
+
+class Loadgen:
+    """A running loadgen: its stderr markers (publish-start, publish-end, all
+    joined) are recorded with their time — and, when `pids` is given, the CPU
+    seconds of those processes at that moment — other stderr lines are kept;
+    `result()` waits for the end and parses the JSON summary it prints last."""
+
+    MARKERS = ("publish-start", "publish-end", "all joined")
+
+    def __init__(self, cmd, pids=None):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.pids = dict(pids or {})
+        self.pids["loadgen"] = self.proc.pid
+        self.marks, self.errors = {}, []
+        self.events = {m: threading.Event() for m in self.MARKERS}
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def _watch(self):
+        for line in self.proc.stderr:
+            mark = next((m for m in self.MARKERS if line.startswith(m)), None)
+            if mark:
+                self.marks[mark] = (time.time(), {n: cpu_seconds(p) for n, p in self.pids.items()})
+                self.events[mark].set()
+            else:
+                self.errors.append(line.rstrip())
+        for e in self.events.values():
+            e.set()
+
+    def result(self, check=True):
+        out = self.proc.stdout.read()
+        self.proc.wait()
+        self.watcher.join()
+        if check and self.proc.returncode != 0:
+            raise SystemExit(f"loadgen failed ({self.proc.returncode}): {self.errors[-5:]}")
+        return json.loads(out.strip().splitlines()[-1])
