@@ -76,6 +76,7 @@ impl Application {
             store.clone(),
             ids.clone(),
             cfg.limits.clone(),
+            cfg.presence.clone(),
             instance.clone(),
             shutdown.clone(),
         ));
@@ -84,7 +85,12 @@ impl Application {
 
         if cfg.has_role(Role::Gateway) {
             let (live_tx, live_rx) = tokio::sync::watch::channel(false);
-            role_ready.push(("live_delivery", live_rx));
+            role_ready.push(("live_delivery", live_rx.clone()));
+            workers.spawn(gateway::presence::run(
+                gateway.clone(),
+                live_rx,
+                shutdown.clone(),
+            ));
             workers.spawn(gateway::live::run(
                 gateway.clone(),
                 format!("live-{instance}"),

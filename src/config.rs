@@ -64,6 +64,9 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
 
     #[command(flatten)]
+    pub presence: PresenceConfig,
+
+    #[command(flatten)]
     pub persist: PersistConfig,
 
     #[command(flatten)]
@@ -118,6 +121,19 @@ impl Limits {
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
+}
+
+/// Cluster presence (the gateway role): heartbeats of each instance and
+/// their expiry, in the database every instance shares.
+#[derive(Debug, Clone, Args)]
+pub struct PresenceConfig {
+    /// How often an instance heartbeats and checks the others (ms).
+    #[arg(long, env = "PRESENCE_HEARTBEAT_MS", default_value_t = 3000)]
+    pub presence_heartbeat_ms: u64,
+    /// An instance not heard from for this long is dead: its members leave
+    /// (ms). Members of a dead instance leave within TTL + one heartbeat.
+    #[arg(long, env = "PRESENCE_TTL_MS", default_value_t = 10_000)]
+    pub presence_ttl_ms: u64,
 }
 
 /// The `db-writer` role.

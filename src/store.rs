@@ -737,6 +737,142 @@ impl Store {
         });
         Ok(n)
     }
+
+    /// Records `instance` as alive at `now_ms`. `true` when it had no row
+    /// (first beat, or its rows were expired or lost): re-sync its members.
+    pub async fn presence_beat(&self, instance: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let update = self.sql("UPDATE presence_instances SET last_seen = $2 WHERE instance = $1");
+        let insert = self.sql(
+            "INSERT INTO presence_instances (instance, last_seen) VALUES ($1, $2) \
+             ON CONFLICT (instance) DO UPDATE SET last_seen = excluded.last_seen",
+        );
+        let missing = on_pool!(self, p => {
+            let n = sqlx::query(&update).bind(instance).bind(now_ms).execute(p).await?.rows_affected();
+            if n == 0 {
+                sqlx::query(&insert).bind(instance).bind(now_ms).execute(p).await?;
+            }
+            n == 0
+        });
+        Ok(missing)
+    }
+
+    /// Replaces every member row of `instance` with `members` (room, user,
+    /// connections), in one transaction.
+    pub async fn presence_sync(
+        &self,
+        instance: &str,
+        members: &[(RoomId, String, i64)],
+    ) -> Result<(), StoreError> {
+        let clear = self.sql("DELETE FROM presence_members WHERE instance = $1");
+        let insert = self.sql(
+            "INSERT INTO presence_members (instance, room, user_name, conns) VALUES ($1, $2, $3, $4)",
+        );
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            sqlx::query(&clear).bind(instance).execute(&mut *tx).await?;
+            for (room, user, conns) in members {
+                sqlx::query(&insert)
+                    .bind(instance)
+                    .bind(room.as_str())
+                    .bind(user)
+                    .bind(*conns)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// One more (`delta = 1`) or one fewer (`-1`) connection of `user` in
+    /// `room` on `instance`; the row goes at zero.
+    pub async fn presence_change(
+        &self,
+        instance: &str,
+        room: &RoomId,
+        user: &str,
+        delta: i64,
+    ) -> Result<(), StoreError> {
+        let upsert = self.sql(
+            "INSERT INTO presence_members (instance, room, user_name, conns) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (instance, room, user_name) DO UPDATE SET conns = presence_members.conns + excluded.conns",
+        );
+        let prune = self.sql(
+            "DELETE FROM presence_members WHERE instance = $1 AND room = $2 AND user_name = $3 AND conns <= 0",
+        );
+        on_pool!(self, p => {
+            sqlx::query(&upsert)
+                .bind(instance)
+                .bind(room.as_str())
+                .bind(user)
+                .bind(delta)
+                .execute(p)
+                .await?;
+            sqlx::query(&prune).bind(instance).bind(room.as_str()).bind(user).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Members of `room` on instances alive since `alive_since_ms`:
+    /// (instance, user) pairs.
+    pub async fn presence_members(
+        &self,
+        room: &RoomId,
+        alive_since_ms: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let sql = self.sql(
+            "SELECT m.instance, m.user_name FROM presence_members m \
+             JOIN presence_instances i ON i.instance = m.instance \
+             WHERE m.room = $1 AND i.last_seen >= $2 AND m.conns > 0",
+        );
+        let rows = on_pool!(self, p => {
+            sqlx::query(&sql)
+                .bind(room.as_str())
+                .bind(alive_since_ms)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<(String, String)>, sqlx::Error>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Instances alive since `alive_since_ms`.
+    pub async fn presence_alive(&self, alive_since_ms: i64) -> Result<Vec<String>, StoreError> {
+        let sql = self.sql("SELECT instance FROM presence_instances WHERE last_seen >= $1");
+        let rows = on_pool!(self, p => {
+            sqlx::query(&sql)
+                .bind(alive_since_ms)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<Vec<_>, _>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Deletes the rows of instances not seen since `alive_since_ms` (any
+    /// instance may do it; idempotent), or of one instance leaving.
+    pub async fn presence_forget(
+        &self,
+        alive_since_ms: i64,
+        leaving: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let members = self.sql(
+            "DELETE FROM presence_members WHERE instance = $2 OR instance IN \
+             (SELECT instance FROM presence_instances WHERE last_seen < $1)",
+        );
+        let instances =
+            self.sql("DELETE FROM presence_instances WHERE last_seen < $1 OR instance = $2");
+        let leaving = leaving.unwrap_or("");
+        let n = on_pool!(self, p => {
+            sqlx::query(&members).bind(alive_since_ms).bind(leaving).execute(p).await?.rows_affected()
+                + sqlx::query(&instances).bind(alive_since_ms).bind(leaving).execute(p).await?.rows_affected()
+        });
+        Ok(n)
+    }
 }
 
 fn row_to_message<R: Row>(r: &R) -> Result<ChatMessage, sqlx::Error>

@@ -186,3 +186,16 @@ async fn send_retries_are_published_once_on_kafka() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn presence_is_cluster_wide_on_kafka() {
+    let topic = common::conformance::uniq("presence-");
+    let db = pg_db().await;
+    common::multi::presence_is_cluster_wide(
+        bus(kafka(&topic)).await,
+        bus(kafka(&topic)).await,
+        bus(kafka(&topic)).await,
+        &db,
+    )
+    .await;
+}

@@ -246,3 +246,17 @@ async fn live_gap_is_filled_on_rabbitmq() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn presence_is_cluster_wide_on_rabbitmq() {
+    let tag = common::conformance::uniq("pr");
+    let _clean = common::rabbit::Cleanup::new(format!("app-{tag}"));
+    let db = pg_db().await;
+    common::multi::presence_is_cluster_wide(
+        bus(rabbit(&tag)).await,
+        bus(rabbit(&tag)).await,
+        bus(rabbit(&tag)).await,
+        &db,
+    )
+    .await;
+}

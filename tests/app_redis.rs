@@ -237,3 +237,15 @@ async fn live_gap_is_told_on_redis() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn presence_is_cluster_wide_on_redis() {
+    let db = pg_db().await;
+    common::multi::presence_is_cluster_wide(
+        bus_at(&url()).await,
+        bus_at(&url()).await,
+        bus_at(&url()).await,
+        &db,
+    )
+    .await;
+}

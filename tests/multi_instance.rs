@@ -37,3 +37,10 @@ async fn memory_send_retries_are_published_once() {
     let (_d, db) = sqlite_db();
     common::multi::send_retries_are_published_once(bus.clone(), bus, &db).await;
 }
+
+#[tokio::test]
+async fn memory_presence_is_cluster_wide() {
+    let bus: Arc<dyn MessageBus> = Arc::new(MemoryBus::new(Default::default()));
+    let (_d, db) = sqlite_db();
+    common::multi::presence_is_cluster_wide(bus.clone(), bus.clone(), bus, &db).await;
+}

@@ -153,6 +153,13 @@ impl Conn {
         if let Some(h) = &head {
             self.gw.rooms.advance(&room, h.seq);
         }
+        // Written before the bus `presence` event goes out, so whoever hears
+        // it finds the row; then every live instance's members of the room.
+        self.gw.presence_write(&room, &self.user, 1).await;
+        if let Ok(alive) = self.gw.store.presence_alive(self.gw.alive_since()).await {
+            let alive = alive.into_iter().collect();
+            self.gw.presence_refresh(&room, &alive).await;
+        }
         let members = self.gw.rooms.members(&room);
         self.push(text(
             ServerFrame::Joined {
@@ -178,6 +185,7 @@ impl Conn {
     async fn leave_inner(&mut self, room: &RoomId) {
         if self.joined.remove(room).is_some() {
             self.gw.rooms.remove(room, self.id).await;
+            self.gw.presence_write(room, &self.user, -1).await;
             self.publish_presence(room, PresenceEvent::Leave).await;
         }
     }

@@ -16,6 +16,7 @@
 
 pub mod conn;
 pub mod live;
+pub mod presence;
 pub mod recovery;
 pub mod rooms;
 pub mod sequencer;
@@ -27,7 +28,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusError, MessageBus, Outgoing, Priority};
-use crate::config::Limits;
+use crate::config::{Limits, PresenceConfig};
 use crate::ids::IdGen;
 use crate::protocol::{BusEvent, ChatMessage, MessageKind, RoomId};
 use crate::store::Store;
@@ -77,6 +78,8 @@ pub struct Gateway {
     turns: Vec<tokio::sync::Mutex<()>>,
     /// Hands out room positions, one commit per burst of sends.
     sequencer: sequencer::Sequencer,
+    /// Heartbeat and expiry of cluster presence (see [`presence`]).
+    pub presence: PresenceConfig,
 }
 
 /// Stripes of the per-room send lock.
@@ -88,6 +91,7 @@ impl Gateway {
         store: Store,
         ids: Arc<IdGen>,
         limits: Limits,
+        presence: PresenceConfig,
         instance: String,
         shutdown: CancellationToken,
     ) -> Gateway {
@@ -105,6 +109,7 @@ impl Gateway {
             instance,
             shutdown,
             connections: AtomicI64::new(0),
+            presence,
             turns: (0..TURN_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),

@@ -308,6 +308,60 @@ impl Rooms {
             .collect()
     }
 
+    /// This instance's members per room: (room, user, connections).
+    pub fn local_members(&self) -> Vec<(RoomId, String, i64)> {
+        let mut out = Vec::new();
+        for r in self.rooms.iter() {
+            let mut per_user: HashMap<&str, i64> = HashMap::new();
+            for m in r.local.values() {
+                *per_user.entry(&m.user).or_default() += 1;
+            }
+            out.extend(
+                per_user
+                    .into_iter()
+                    .map(|(u, n)| (r.key().clone(), u.to_string(), n)),
+            );
+        }
+        out
+    }
+
+    /// Replaces what this instance knows of `room`'s members elsewhere with
+    /// `remote` (instance, user) — the shared presence store's view — and
+    /// returns the members it dropped whose instance is not in `alive`
+    /// and who are not present anywhere else (they must be told as leaves).
+    pub fn reconcile(
+        &self,
+        room: &RoomId,
+        remote: &[(String, String)],
+        alive: &HashSet<String>,
+    ) -> Vec<(String, String)> {
+        let Some(mut r) = self.rooms.get_mut(room) else {
+            return Vec::new();
+        };
+        let mut next: HashMap<(String, String), u32> = HashMap::new();
+        for (inst, user) in remote {
+            if *inst != self.instance {
+                next.insert((inst.clone(), user.clone()), 1);
+            }
+        }
+        let gone: Vec<(String, String)> = r
+            .remote
+            .keys()
+            .filter(|k| !next.contains_key(*k) && !alive.contains(&k.0))
+            .cloned()
+            .collect();
+        r.remote = next;
+        let present: HashSet<&str> = r
+            .local
+            .values()
+            .map(|m| &*m.user)
+            .chain(r.remote.keys().map(|(_, u)| u.as_str()))
+            .collect();
+        gone.into_iter()
+            .filter(|(_, user)| !present.contains(user.as_str()))
+            .collect()
+    }
+
     /// All room ids with local members.
     pub fn rooms(&self) -> Vec<RoomId> {
         self.rooms.iter().map(|r| r.key().clone()).collect()

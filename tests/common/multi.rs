@@ -321,3 +321,66 @@ async fn join_at(c: &mut Client, room: &str, seq: i64, epoch: &Value) -> (Value,
     }
     (joined, hist)
 }
+
+/// Issue scenarios "members" and "ghosts": alice joins on A, then bob on B —
+/// bob's `joined.members` lists both. carol is on C, which then crashes (no
+/// goodbye, no `leave` on the bus): within the presence TTL alice gets a
+/// `presence` `leave` for carol, and a new joiner on B does not see her.
+pub async fn presence_is_cluster_wide(
+    bus_a: Arc<dyn MessageBus>,
+    bus_b: Arc<dyn MessageBus>,
+    bus_c: Arc<dyn MessageBus>,
+    db: &str,
+) {
+    use chat_relay::config::Role;
+    let backend = bus_a.backend();
+    let tag = ulid::Ulid::new().to_string().to_lowercase();
+    let gateway = || {
+        let mut cfg = config(db, &tag);
+        roles(&mut cfg, &[Role::Gateway]);
+        cfg.presence.presence_heartbeat_ms = 300;
+        cfg.presence.presence_ttl_ms = 1500;
+        cfg
+    };
+    let a = spawn_app_on(gateway(), bus_a).await;
+    let b = spawn_app_on(gateway(), bus_b).await;
+    let c = spawn_app_on(gateway(), bus_c).await;
+    let room = format!("chat.members{tag}");
+    let mut alice = a.client("alice").await;
+    alice.join(&room, None).await;
+    let mut bob = b.client("bob").await;
+    let (joined, _) = bob.join(&room, None).await;
+    let members: Vec<&str> = joined["members"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(members, ["alice", "bob"], "{backend}: {joined}");
+
+    let mut carol = c.client("carol").await;
+    carol.join(&room, None).await;
+    loop {
+        let p = alice.recv_type("presence").await;
+        if p["user"] == "carol" && p["event"] == "join" {
+            break;
+        }
+    }
+    c.crash().await;
+    // No leave went over the bus: the expiry must tell alice.
+    loop {
+        let p = alice.recv_type("presence").await;
+        if p["user"] == "carol" {
+            assert_eq!(p["event"], "leave", "{backend}: {p}");
+            break;
+        }
+    }
+    let mut dave = b.client("dave").await;
+    let (joined, _) = dave.join(&room, None).await;
+    let members: Vec<&str> = joined["members"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(members, ["alice", "bob", "dave"], "{backend}: {joined}");
+    drop(carol);
+    a.stop().await;
+    b.stop().await;
+}
