@@ -350,10 +350,7 @@ pub async fn presence_is_cluster_wide(
     alice.join(&room, None).await;
     let mut bob = b.client("bob").await;
     let (joined, _) = bob.join(&room, None).await;
-    let members: Vec<&str> = joined["members"]
-        .as_array()
-        .map(|m| m.iter().filter_map(|v| v.as_str()).collect())
-        .unwrap_or_default();
+    let members = member_names(&joined);
     assert_eq!(members, ["alice", "bob"], "{backend}: {joined}");
 
     let mut carol = c.client("carol").await;
@@ -375,12 +372,17 @@ pub async fn presence_is_cluster_wide(
     }
     let mut dave = b.client("dave").await;
     let (joined, _) = dave.join(&room, None).await;
-    let members: Vec<&str> = joined["members"]
-        .as_array()
-        .map(|m| m.iter().filter_map(|v| v.as_str()).collect())
-        .unwrap_or_default();
+    let members = member_names(&joined);
     assert_eq!(members, ["alice", "bob", "dave"], "{backend}: {joined}");
     drop(carol);
     a.stop().await;
     b.stop().await;
+}
+
+/// The user names of a `joined` frame's `members`.
+fn member_names(joined: &Value) -> Vec<&str> {
+    joined["members"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default()
 }
