@@ -124,6 +124,8 @@ pub struct SendClaim {
     pub id: String,
     /// Its publish was confirmed (else it is still in flight).
     pub confirmed: bool,
+    /// When it was claimed (unix ms).
+    pub created_at: i64,
 }
 
 /// A user who crossed the flood threshold in this batch.
@@ -664,7 +666,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, 'pending', $5) ON CONFLICT (room, user_name, cid) DO NOTHING",
         );
         let select = self.sql(
-            "SELECT id, state FROM send_dedupe WHERE room = $1 AND user_name = $2 AND cid = $3",
+            "SELECT id, state, created_at FROM send_dedupe WHERE room = $1 AND user_name = $2 AND cid = $3",
         );
         let claim = on_pool!(self, p => {
             let new = sqlx::query(&insert)
@@ -690,13 +692,42 @@ impl Store {
                     Some(r) => Some(SendClaim {
                         id: r.try_get(0)?,
                         confirmed: r.try_get::<String, _>(1)? == "acked",
+                        created_at: r.try_get(2)?,
                     }),
                     // Pruned between the two statements: treat as taken.
-                    None => Some(SendClaim { id: id.to_string(), confirmed: false }),
+                    None => Some(SendClaim { id: id.to_string(), confirmed: false, created_at: now_ms() }),
                 }
             }
         });
         Ok(claim)
+    }
+
+    /// Takes over a claim still pending as `old_id` (its gateway died before
+    /// settling it) for `new_id`; `false` when someone else settled or took
+    /// it first.
+    pub async fn take_over_send(
+        &self,
+        room: &RoomId,
+        user: &str,
+        cid: &str,
+        old_id: &str,
+        new_id: &str,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql(
+            "UPDATE send_dedupe SET id = $5, created_at = $6 \
+             WHERE room = $1 AND user_name = $2 AND cid = $3 AND id = $4 AND state = 'pending'",
+        );
+        let n = on_pool!(self, p => sqlx::query(&sql)
+            .bind(room.as_str())
+            .bind(user)
+            .bind(cid)
+            .bind(old_id)
+            .bind(new_id)
+            .bind(now_ms())
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(n == 1)
     }
 
     /// Settles a claim from [`Store::claim_send`]: kept as `acked` when the

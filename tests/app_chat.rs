@@ -416,3 +416,65 @@ async fn roles_can_run_separately() {
     gateway.stop().await;
     persist.stop().await;
 }
+
+/// A `cid` claim left unconfirmed by a gateway that died mid-send does not
+/// block the retry: once it is older than two publish timeouts, the retry
+/// publishes (taking the claim over) — or, when the original message is
+/// stored after all, is answered with its id without publishing again.
+#[tokio::test]
+async fn a_dead_gateways_unconfirmed_claim_does_not_block_the_retry() {
+    let (_d, db) = sqlite_db();
+    let mut cfg = test_config(&db);
+    cfg.limits.publish_timeout_ms = 200;
+    let app = spawn_app(cfg).await;
+    let room = chat_relay::protocol::RoomId::parse("chat.claims").unwrap();
+    // What a gateway that died between claim and publish leaves behind.
+    assert!(
+        app.store
+            .claim_send(&room, "ivy", "r1", "01DEAD")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // One whose message was published and stored, but never settled.
+    assert!(
+        app.store
+            .claim_send(&room, "ivy", "r2", "01STORED")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let stored = chat_relay::protocol::ChatMessage {
+        room: room.clone(),
+        id: "01STORED".into(),
+        user: "ivy".into(),
+        text: "stored".into(),
+        ts: 1,
+        kind: chat_relay::protocol::MessageKind::Chat,
+        seq: None,
+    };
+    app.store.insert_messages(&[stored]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut c = app.client("ivy").await;
+    c.join("chat.claims", None).await;
+    c.send(json!({"type": "send", "room": "chat.claims", "text": "retried", "cid": "r1"}))
+        .await;
+    let ack = c.recv_type("ack").await;
+    assert_ne!(ack["id"], "01DEAD", "published anew: {ack}");
+    let m = c.recv_type("message").await;
+    assert_eq!(
+        (m["text"].as_str(), &m["id"]),
+        (Some("retried"), &ack["id"])
+    );
+
+    c.send(json!({"type": "send", "room": "chat.claims", "text": "stored", "cid": "r2"}))
+        .await;
+    let ack = c.recv_type("ack").await;
+    assert_eq!(ack["id"], "01STORED", "the stored original: {ack}");
+    // Not published a second time.
+    while let Some(v) = c.try_recv(Duration::from_millis(500)).await {
+        assert_ne!(v["type"], "message", "no second copy: {v}");
+    }
+    app.stop().await;
+}

@@ -8,7 +8,10 @@
 //! * [`rooms`] — the per-instance room registry: members, held frames during a
 //!   join, the recent ring, fan-out into the outbound queues.
 //! * [`recovery`] — what a (re)joining client gets after `joined`: the latest
-//!   history or everything after `since`, and whether that is provably complete.
+//!   history or everything after its cursor, and whether that is provably
+//!   complete; catch-up after this instance's own live stream was interrupted.
+//! * [`sequencer`] — room positions (`seq`) for sends, one commit per burst.
+//! * [`presence`] — cluster-wide members, heartbeats and expiry of dead instances.
 //!
 //! [`Gateway`] is the wing's context: the handful of things a connection needs
 //! (bus, rooms, store, ids, limits, instance, shutdown), nothing of HTTP or of
@@ -215,7 +218,10 @@ impl Gateway {
 
     /// Claims `cid` for message `id`; `Some(id)` of the earlier send when this
     /// is a retry of a confirmed one. A retry racing its still-unconfirmed
-    /// original waits for it (up to the publish timeout).
+    /// original waits for it (up to the publish timeout). A claim left
+    /// unconfirmed for longer than two publish timeouts belongs to a gateway
+    /// that died mid-send: if its message is stored, that is the answer;
+    /// otherwise this send takes the claim over and publishes.
     async fn claim(
         &self,
         room: &RoomId,
@@ -224,15 +230,31 @@ impl Gateway {
         id: &str,
     ) -> Result<Option<String>, SendError> {
         let deadline = tokio::time::Instant::now() + self.limits.publish_timeout();
+        let stale_ms = 2 * self.limits.publish_timeout_ms as i64;
         loop {
             let claim = self
                 .store
                 .claim_send(room, user, cid, id)
                 .await
                 .map_err(|e| SendError::Db(format!("message not sent: {e}")))?;
+            let db = |e: crate::store::StoreError| SendError::Db(format!("message not sent: {e}"));
             match claim {
                 None => return Ok(None),
                 Some(c) if c.confirmed => return Ok(Some(c.id)),
+                Some(c) if chrono::Utc::now().timestamp_millis() - c.created_at > stale_ms => {
+                    if self.store.has_message(room, &c.id).await.map_err(db)? {
+                        return Ok(Some(c.id));
+                    }
+                    if self
+                        .store
+                        .take_over_send(room, user, cid, &c.id, id)
+                        .await
+                        .map_err(db)?
+                    {
+                        metrics::counter!("send_claims_taken_over_total").increment(1);
+                        return Ok(None);
+                    }
+                }
                 Some(_) if tokio::time::Instant::now() >= deadline => {
                     return Err(SendError::InFlight);
                 }
