@@ -142,15 +142,15 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
 def markdown(results, args, outdir):
     gen = results[0].get("generator", "k6")
     missed = "k6 dropped" if gen == "k6" else "sent late"
-    rows = [f"| backend | published / offered ({missed}) | delivered msg/s | e2e p50 | p95 | p99 | p99.9 | lost / dup / reordered (live) | DB rows / acked after load | DB rows / acked, persistence stopped under load | relay CPU | relay RSS | {gen} CPU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| backend | published / offered ({missed}) | delivered msg/s | cross-instance deliveries | e2e p50 | p95 | p99 | p99.9 | lost / dup / reordered (live) | DB rows / acked after load | DB rows / acked, persistence stopped under load | relay CPU | relay RSS | {gen} CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f = r["fanout"]
         e = f["e2e_ms"]
         fault = r.get("fault", {})
         fault_s = (f"{fault['rows']}/{fault['acked']} ({fault['missing']} missing)" if "acked" in fault else "n/a (single process)")
         rows.append(
-            f"| {r['backend']} | {f['publish_acked']} / {f['rate'] * f['duration_s']} ({f['dropped_iterations']}) | {f['deliveries_per_s']:.0f} | {e['p50']:.1f} ms | {e['p95']:.1f} ms | {e['p99']:.1f} ms | {e['p999']:.1f} ms "
+            f"| {r['backend']} | {f['publish_acked']} / {f['rate'] * f['duration_s']} ({f['dropped_iterations']}) | {f['deliveries_per_s']:.0f} | {100 * f.get('cross_instance_share', 0):.0f}% | {e['p50']:.1f} ms | {e['p95']:.1f} ms | {e['p99']:.1f} ms | {e['p999']:.1f} ms "
             f"| {f['lost']} / {f['duplicates']} / {f['reordered']} | {r['persist']['rows']}/{r['persist']['acked']} in {r['persist']['catch_up_s']} s "
             f"| {fault_s} | {', '.join(f'{v}%' for v in r['relay_cpu_pct'].values())} "
             f"| {', '.join(f'{v:.0f} MB' for v in r['relay_rss_mb'].values())} | {r.get('generator_cpu_pct', r.get('k6_cpu_pct'))}% |")

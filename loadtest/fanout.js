@@ -43,6 +43,14 @@ const gaps = new Counter('gaps');
 const acked = new Counter('publish_acked');
 const failed = new Counter('publish_failed');
 const subsConnected = new Counter('subscribers_joined');
+const crossInstance = new Counter('cross_instance_deliveries');
+
+// Placement over several relays: the k-th subscriber of a room (subscriber i
+// is in room i % ROOMS) on relay k % n, a room's publishers rotated too, so
+// every room spans instances (i % n would put a whole room on one relay
+// whenever n divides ROOMS). The same rule as loadgen's.
+const subRelay = (i) => Math.floor(i / ROOMS) % RELAYS.length;
+const pubRelay = (p) => ((p % ROOMS) + Math.floor(p / ROOMS)) % RELAYS.length;
 
 export const options = {
   scenarios: {
@@ -90,7 +98,8 @@ export function subscriber(data) {
   // 0..R*S-1, unique per subscriber: exactly S subscribers per room.
   const vu = exec.scenario.iterationInTest;
   const room = roomOf(PREFIX, vu);
-  const relay = RELAYS[vu % RELAYS.length].replace(/^http/, 'ws');
+  const mine = subRelay(vu);
+  const relay = RELAYS[mine].replace(/^http/, 'ws');
   const ws = new WebSocket(`${relay}/ws?user=sub${vu}`);
   const last = {}; // publisher -> highest seq seen
   const seen = {}; // publisher -> Set of seqs
@@ -111,6 +120,7 @@ export function subscriber(data) {
     if (body.r !== PREFIX) return;
     e2e.add(Date.now() - body.t);
     delivered.add(1);
+    if (pubRelay(body.p) !== mine) crossInstance.add(1);
     const p = body.p;
     const s = seen[p] || (seen[p] = new Set());
     if (s.has(body.s)) {
@@ -148,7 +158,7 @@ export function publisher(data) {
   const vu = exec.vu.idInTest;
   const room = roomOf(PREFIX, vu);
   const seq = (seqs[vu] = (seqs[vu] === undefined ? -1 : seqs[vu]) + 1);
-  const relay = RELAYS[vu % RELAYS.length];
+  const relay = RELAYS[pubRelay(vu)];
   const text = JSON.stringify({ r: PREFIX, p: vu, s: seq, t: Date.now(), x: pad });
   const res = http.post(`${relay}/api/rooms/${room}/messages`, JSON.stringify({ user: `pub${vu}`, text }), {
     headers: { 'Content-Type': 'application/json' },
@@ -183,6 +193,7 @@ export function handleSummary(data) {
     reordered: v('reordered', 'count'),
     gaps: v('gaps', 'count'),
     deliveries_per_s: deliveredN / RUN_S,
+    cross_instance_share: deliveredN > 0 ? v('cross_instance_deliveries', 'count') / deliveredN : 0,
     e2e_ms: {
       p50: v('e2e_latency', 'med'),
       p95: v('e2e_latency', 'p(95)'),

@@ -95,6 +95,29 @@ struct SubStats {
     dups: u64,
     reordered: u64,
     gaps: u64,
+    /// Deliveries whose publisher sat on another relay instance.
+    cross: u64,
+}
+
+/// Where clients sit when several relay URLs are given, so that every room
+/// spans instances: the k-th subscriber of a room (subscriber `i` is in room
+/// `i % rooms`) on instance `k % n`, and a room's publishers rotated over the
+/// instances too. (Placing subscriber `i` on `i % n` would put every
+/// subscriber of a room on one instance whenever `n` divides the room count:
+/// no delivery would cross instances.)
+#[derive(Clone, Copy)]
+struct Placement {
+    rooms: usize,
+    instances: usize,
+}
+
+impl Placement {
+    fn subscriber(&self, i: usize) -> usize {
+        (i / self.rooms) % self.instances
+    }
+    fn publisher(&self, p: usize) -> usize {
+        (p % self.rooms + p / self.rooms) % self.instances
+    }
 }
 
 #[tokio::main]
@@ -104,6 +127,10 @@ async fn main() -> anyhow::Result<()> {
         return idle(&args).await;
     }
     let urls: Vec<String> = args.url.split(',').map(|s| s.trim().to_string()).collect();
+    let place = Placement {
+        rooms: args.rooms.max(1),
+        instances: urls.len().max(1),
+    };
     let prefix = args
         .prefix
         .clone()
@@ -121,7 +148,8 @@ async fn main() -> anyhow::Result<()> {
     // Subscribers.
     let mut subs = Vec::new();
     for i in 0..args.rooms * args.subs {
-        let url = format!("{}/ws?user=s{i}", urls[i % urls.len()]);
+        let instance = place.subscriber(i);
+        let url = format!("{}/ws?user=s{i}", urls[instance]);
         let (room, hist, totals, joined, prefix, done) = (
             room(i),
             hist.clone(),
@@ -181,6 +209,9 @@ async fn main() -> anyhow::Result<()> {
                         let (p, s, t) = (b.p, b.s, b.t);
                         let _ = local.record(now_us().saturating_sub(t).max(1));
                         st.received += 1;
+                        if place.publisher(p as usize) != instance {
+                            st.cross += 1;
+                        }
                         if !seen.entry(p).or_default().insert(s) {
                             st.dups += 1;
                             continue;
@@ -207,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
             t.dups += st.dups;
             t.reordered += st.reordered;
             t.gaps += st.gaps;
+            t.cross += st.cross;
         }));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -235,7 +267,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut pubs = Vec::new();
     for p in 0..args.publishers {
-        let url = format!("{}/ws?user=p{p}", urls[p % urls.len()]);
+        let url = format!("{}/ws?user=p{p}", urls[place.publisher(p)]);
         let (room, acked, errors, sent, late, pad, prefix) = (
             room(p),
             acked.clone(),
@@ -331,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
         "deliveries": t.received, "expected_deliveries": expected,
         "lost": expected.saturating_sub(t.received - t.dups), "duplicates": t.dups, "reordered": t.reordered, "gaps": t.gaps,
         "deliveries_per_s": (t.received as f64 / send_secs).round(),
+        "cross_instance_share": if t.received > 0 { t.cross as f64 / t.received as f64 } else { 0.0 },
         "e2e_ms": {"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
     });
     println!("{out}");
