@@ -227,13 +227,8 @@ async fn live_gap_is_told_on_redis() {
     assert_eq!(gap["to_seq"].as_i64(), Some(from + 3), "{gap}");
     // Live again (the gap is only told once the subscription is back).
     bert.say(room, "after").await;
-    loop {
-        let v = anna.recv().await;
-        if v["type"] == "message" {
-            assert_eq!(v["text"], "after", "nothing missed arrives late: {v}");
-            break;
-        }
-    }
+    let v = next_message(&mut anna, "gap").await;
+    assert_eq!(v["text"], "after", "nothing missed arrives late: {v}");
     a.stop().await;
     b.stop().await;
 }

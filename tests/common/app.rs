@@ -329,6 +329,18 @@ impl Client {
     }
 }
 
+/// The next `message` frame, skipping other frames; panics on a frame of
+/// type `forbidden` on the way (e.g. a `gap` where none may come).
+pub async fn next_message(c: &mut Client, forbidden: &str) -> Value {
+    loop {
+        let v = c.recv().await;
+        assert_ne!(v["type"], forbidden, "{v}");
+        if v["type"] == "message" {
+            return v;
+        }
+    }
+}
+
 /// Waits until `f` returns true, polling; panics after `wait`.
 pub async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
 where
