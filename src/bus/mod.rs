@@ -20,9 +20,11 @@
 //! | redis | Redis accepted PUBLISH | at-most-once | never | per connection | **no** (lost) |
 //! | kafka | broker acked (acks=all) | at-least-once | from last committed offset | per partition (room key) | yes (retention) |
 //! | rabbitmq | broker confirmed | at-least-once | on nack / channel loss | per queue, single consumer | yes (durable queues) |
+//! | nats | JetStream ack (stored) | workers at-least-once; live at-most-once (core subscriptions) | on nack / drop at once, after `ack_wait` when a worker died | per consumer (stream order), live per publisher connection | yes (stream retention, durable consumers) |
 
 pub mod kafka;
 pub mod memory;
+pub mod nats;
 pub mod rabbitmq;
 pub mod reconnect;
 pub mod redis;
@@ -296,7 +298,7 @@ impl RoomInterest for LocalRooms {
 /// The bus every role talks to.
 #[async_trait]
 pub trait MessageBus: Send + Sync + 'static {
-    /// Short backend name: `memory`, `redis`, `kafka`, `rabbitmq`.
+    /// Short backend name: `memory`, `redis`, `kafka`, `rabbitmq`, `nats`.
     fn backend(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;
@@ -368,6 +370,7 @@ pub enum BusKind {
     Redis,
     Kafka,
     Rabbitmq,
+    Nats,
 }
 
 /// Bus selection and per-backend settings (flattened into the server's
@@ -385,6 +388,8 @@ pub struct BusConfig {
     pub kafka: kafka::KafkaConfig,
     #[command(flatten)]
     pub rabbitmq: rabbitmq::RabbitConfig,
+    #[command(flatten)]
+    pub nats: nats::NatsConfig,
 }
 
 /// Connects the configured backend.
@@ -394,5 +399,6 @@ pub async fn connect(cfg: &BusConfig) -> Result<Arc<dyn MessageBus>, BusError> {
         BusKind::Redis => Arc::new(redis::RedisBus::connect(cfg.redis.clone()).await?),
         BusKind::Kafka => Arc::new(kafka::KafkaBus::connect(cfg.kafka.clone()).await?),
         BusKind::Rabbitmq => Arc::new(rabbitmq::RabbitBus::connect(cfg.rabbitmq.clone()).await?),
+        BusKind::Nats => Arc::new(nats::NatsBus::connect(cfg.nats.clone()).await?),
     })
 }

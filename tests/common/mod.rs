@@ -4,6 +4,7 @@
 pub mod app;
 pub mod conformance;
 pub mod multi;
+pub mod nats;
 pub mod rabbit;
 pub mod redis_server;
 pub mod tansu_server;
