@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure every backend the tests use answers on 127.0.0.1, installing and
-# starting what is missing: PostgreSQL (5432), Redis (6379), RabbitMQ (5672)
-# and tansu, a Kafka-protocol broker (9092). Exits non-zero, loudly, when one
+# starting what is missing: PostgreSQL (5432), Redis (6379), RabbitMQ (5672),
+# NATS with JetStream (4222) and tansu, a Kafka-protocol broker (9092). Exits non-zero, loudly, when one
 # cannot be brought up: the tests never skip a backend.
 set -euo pipefail
 
@@ -75,6 +75,19 @@ if ! port_open 5672; then
   timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || die "RabbitMQ did not finish starting"
 fi
 log "RabbitMQ ok"
+
+# --- NATS (JetStream) ---------------------------------------------------------
+# The binary is needed even when 4222 answers: tests/nats_broker_restart.rs
+# starts a private server of its own.
+need_pkg nats-server nats-server
+if ! port_open 4222; then
+  log "starting nats-server with JetStream"
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_for NATS 30 port_open 4222
+fi
+log "NATS ok"
 
 # --- tansu (Kafka protocol) ---------------------------------------------------
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -1,5 +1,5 @@
 //! The `chat-relay` binary: `serve` (default) runs the relay; `replay` rewinds a
-//! Kafka consumer group.
+//! Kafka or NATS consumer group.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -22,9 +22,10 @@ struct Cli {
 enum Cmd {
     /// Run the relay (the default when no subcommand is given).
     Serve(Box<Config>),
-    /// Rewind a Kafka consumer group (stop its workers first), so a restarted
-    /// worker reprocesses the log: `--from-beginning`, `--from-offset 0:12,3:40`
-    /// or `--from-time 2026-11-22T10:00:00Z`.
+    /// Rewind a Kafka or NATS (`--bus nats`) consumer group (stop its workers
+    /// first), so a restarted worker reprocesses the log: `--from-beginning`,
+    /// `--from-offset 0:12,3:40` (Kafka), `--from-sequence 120` (NATS) or
+    /// `--from-time 2026-11-22T10:00:00Z`.
     Replay(Box<chat_relay::replay::ReplayArgs>),
     /// Exit 0 when the local relay answers `/readyz` with 200 (for container healthchecks).
     Healthcheck {
@@ -45,9 +46,13 @@ async fn main() -> anyhow::Result<()> {
             let report = chat_relay::replay::replay(&args)
                 .await
                 .with_context(|| format!("replaying consumer group {}", args.group))?;
+            let log = match args.bus {
+                chat_relay::bus::BusKind::Nats => format!("stream {}", args.nats.nats_stream),
+                _ => format!("topic {}", args.kafka.kafka_topic),
+            };
             println!(
-                "consumer group {} rewound on topic {}:\n{report}restart its workers to reprocess the log",
-                args.group, args.kafka.kafka_topic
+                "consumer group {} rewound on {log}:\n{report}restart its workers to reprocess the log",
+                args.group
             );
             return Ok(());
         }

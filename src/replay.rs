@@ -1,8 +1,13 @@
-//! `chat-relay replay`: the admin command that rewinds a stopped Kafka
-//! consumer group, so its restarted workers reprocess the log (rebuild the DB,
-//! recount analytics). It is not part of the message path: the relay itself
-//! never rewinds a group. Only Kafka keeps a log to replay; the other backends
-//! say so in their capabilities.
+//! `chat-relay replay`: the admin command that rewinds a stopped consumer
+//! group (Kafka, NATS JetStream), so its restarted workers reprocess the log
+//! (rebuild the DB, recount analytics). It is not part of the message path:
+//! the relay itself never rewinds a group. Only Kafka and JetStream keep a
+//! log to replay; the other backends say so in their capabilities.
+//!
+//! JetStream cannot move a durable consumer's position in place: the replay
+//! deletes the group's consumer and creates it again with the same name and
+//! settings and a new start (`DeliverPolicy::All`, `ByStartSequence`,
+//! `ByStartTime`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,8 +16,9 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::bus::BusError;
 use crate::bus::kafka::{KafkaConfig, plain_consumer, unavailable};
+use crate::bus::nats::{self, NatsConfig};
+use crate::bus::{BusError, BusKind};
 
 /// Where `chat-relay replay` rewinds a group to.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,6 +33,9 @@ pub struct ReplayFrom {
     /// Rewind every partition to the first message at or after this time (RFC 3339).
     #[arg(long)]
     pub from_time: Option<String>,
+    /// NATS: restart the group at this stream sequence.
+    #[arg(long)]
+    pub from_sequence: Option<u64>,
 }
 
 /// `chat-relay replay`: rewinds a stopped consumer group.
@@ -37,18 +46,41 @@ pub struct ReplayArgs {
     pub group: String,
     #[command(flatten)]
     pub from: ReplayFrom,
+    /// Which backend's group to rewind: `kafka` or `nats`.
+    #[arg(long, env = "BUS", value_enum, default_value = "kafka")]
+    pub bus: BusKind,
     #[command(flatten)]
     pub kafka: KafkaConfig,
+    #[command(flatten)]
+    pub nats: NatsConfig,
 }
 
-/// What a replay changed: partition → (old committed offset, new offset).
+/// What a replay changed: partition → (old committed offset, new offset) on
+/// Kafka; on NATS the consumer and what it had delivered / where it restarts.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayReport {
     pub partitions: Vec<(i32, Option<i64>, i64)>,
+    pub consumer: Option<NatsReplay>,
+}
+
+/// A NATS replay: the recreated consumer, the last stream sequence it had
+/// delivered, and where it starts now.
+#[derive(Debug, Clone)]
+pub struct NatsReplay {
+    pub consumer: String,
+    pub delivered: u64,
+    pub start: String,
 }
 
 impl std::fmt::Display for ReplayReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(c) = &self.consumer {
+            writeln!(
+                f,
+                "consumer {}: had delivered up to stream sequence {} -> restarts at {}",
+                c.consumer, c.delivered, c.start
+            )?;
+        }
         for (p, old, new) in &self.partitions {
             let old = old.map(|o| o.to_string()).unwrap_or_else(|| "none".into());
             writeln!(f, "partition {p}: {old} -> {new}")?;
@@ -61,6 +93,20 @@ impl std::fmt::Display for ReplayReport {
 /// the group has active members: a running consumer would overwrite the
 /// rewound offsets with its own on its next commit.
 pub async fn replay(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
+    match args.bus {
+        BusKind::Kafka => {}
+        BusKind::Nats => return replay_nats(args).await,
+        other => {
+            return Err(BusError::Config(format!(
+                "BUS={other:?} keeps no log to replay (kafka and nats do)"
+            )));
+        }
+    }
+    if args.from.from_sequence.is_some() {
+        return Err(BusError::Config(
+            "--from-sequence is for NATS; on Kafka use --from-offset partition:offset".into(),
+        ));
+    }
     let args = args.clone();
     tokio::task::spawn_blocking(move || replay_blocking(&args))
         .await
@@ -201,4 +247,66 @@ fn replay_blocking(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
             .push((p, old.get(&p).copied().flatten(), o));
     }
     Ok(report)
+}
+
+/// Recreates the group's durable consumer at the requested start. Refused
+/// while the consumer has pull requests waiting (a member is running: it
+/// would keep pulling from the old position until it notices).
+async fn replay_nats(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
+    use async_nats::jetstream::consumer::DeliverPolicy;
+    let cfg = &args.nats;
+    let (policy, start) = if args.from.from_beginning {
+        (DeliverPolicy::All, "the first retained message".to_string())
+    } else if let Some(seq) = args.from.from_sequence {
+        (
+            DeliverPolicy::ByStartSequence {
+                start_sequence: seq,
+            },
+            format!("stream sequence {seq}"),
+        )
+    } else if let Some(ts) = &args.from.from_time {
+        let at = async_nats::datetime::parse_rfc3339(ts)
+            .map_err(|e| BusError::Config(format!("--from-time: {e}")))?;
+        (
+            DeliverPolicy::ByStartTime { start_time: at },
+            format!("the first message at or after {ts}"),
+        )
+    } else {
+        return Err(BusError::Config(
+            "on NATS use --from-beginning, --from-sequence or --from-time".into(),
+        ));
+    };
+    let client = nats::connect_client(cfg, "replay", None).await?;
+    let js = nats::context(cfg, client);
+    let stream = js
+        .get_stream(&cfg.nats_stream)
+        .await
+        .map_err(|e| nats::unavailable(format!("stream {}: {e}", cfg.nats_stream)))?;
+    let name = nats::consumer_name(&cfg.nats_consumer_prefix, &args.group);
+    let info = stream
+        .consumer_info(&name)
+        .await
+        .map_err(|e| BusError::Config(format!("consumer {name} of group {}: {e}", args.group)))?;
+    if info.num_waiting > 0 {
+        return Err(BusError::Rejected(format!(
+            "consumer group {} is active ({} pull requests waiting on {name}): stop the workers of this group first, then replay",
+            args.group, info.num_waiting
+        )));
+    }
+    stream
+        .delete_consumer(&name)
+        .await
+        .map_err(|e| nats::unavailable(format!("deleting consumer {name}: {e}")))?;
+    stream
+        .create_consumer(nats::consumer_config(cfg, &name, policy))
+        .await
+        .map_err(|e| nats::unavailable(format!("creating consumer {name}: {e}")))?;
+    Ok(ReplayReport {
+        partitions: vec![],
+        consumer: Some(NatsReplay {
+            consumer: name,
+            delivered: info.delivered.stream_sequence,
+            start,
+        }),
+    })
 }

@@ -130,8 +130,11 @@ async fn persistence_gap_and_replay_rebuild_the_db_exactly() {
             from_beginning: true,
             from_offset: None,
             from_time: None,
+            from_sequence: None,
         },
+        bus: BusKind::Kafka,
         kafka: kafka(&topic),
+        nats: Default::default(),
     };
     // The crashed member lingers until its session times out; an operator
     // waits for the group to be empty, and so do we.

@@ -176,3 +176,82 @@ async fn persistence_crash_with_unacked_deliveries_stores_everything_once() {
     gateway.stop().await;
     persist.stop().await;
 }
+
+/// `chat-relay replay` on NATS: refused while the `db-writer` group has a
+/// running member; once it is stopped, the table emptied and the group
+/// replayed from the beginning, a restarted worker rebuilds the DB exactly.
+#[tokio::test]
+async fn replay_rebuilds_the_db_on_nats() {
+    use chat_relay::replay::{ReplayArgs, ReplayFrom, replay};
+    let tag = common::conformance::uniq("rp");
+    let nats = common::nats::config(&tag);
+    let _clean = Cleanup::new(&nats);
+    let db = pg_db().await;
+    let gateway = spawn_app(config(&db, &nats, &[Role::Gateway])).await;
+    let persist = spawn_app(config(&db, &nats, &[Role::Persist])).await;
+    let group = config(&db, &nats, &[]).persist.group;
+    let room = format!("chat.{tag}");
+    let room_id = RoomId::parse(&room).unwrap();
+    let store = gateway.store.clone();
+    let mut c = gateway.client("rita").await;
+    c.join(&room, None).await;
+    let n = 40;
+    for i in 0..n {
+        c.say(&room, &format!("m{i}")).await;
+    }
+    eventually(Duration::from_secs(20), "all rows", || async {
+        count(&store, &room_id).await == n as i64
+    })
+    .await;
+    let args = |from: ReplayFrom| ReplayArgs {
+        group: group.clone(),
+        from,
+        bus: BusKind::Nats,
+        kafka: Default::default(),
+        nats: nats.clone(),
+    };
+    let beginning = ReplayFrom {
+        from_beginning: true,
+        from_offset: None,
+        from_time: None,
+        from_sequence: None,
+    };
+    let refused = replay(&args(beginning.clone())).await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("active")),
+        "a running group is refused: {refused:?}"
+    );
+    persist.stop().await;
+    store.truncate_messages().await.unwrap();
+    // The stopped member's last pull request lingers until it expires.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let report = loop {
+        match replay(&args(beginning.clone())).await {
+            Ok(r) => break r,
+            Err(e) if e.to_string().contains("active") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("replay: {e}"),
+        }
+    };
+    let replayed = report.consumer.expect("a NATS report");
+    assert!(replayed.delivered >= n as u64, "{replayed:?}");
+    assert_eq!(count(&store, &room_id).await, 0);
+    let persist = spawn_app(config(&db, &nats, &[Role::Persist])).await;
+    eventually(Duration::from_secs(30), "DB rebuilt", || async {
+        count(&store, &room_id).await >= n as i64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let texts = |rows: Vec<chat_relay::protocol::ChatMessage>| {
+        rows.into_iter().map(|m| m.text).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        texts(store.after(&room_id, "", 1000).await.unwrap()),
+        want,
+        "rebuilt exactly"
+    );
+    persist.stop().await;
+    gateway.stop().await;
+}

@@ -95,12 +95,15 @@ async fn replay_rewinds_a_stopped_group() {
     let args = |from: ReplayFrom| ReplayArgs {
         group: group.clone(),
         from,
+        bus: chat_relay::bus::BusKind::Kafka,
         kafka: k.clone(),
+        nats: Default::default(),
     };
     let beginning = ReplayFrom {
         from_beginning: true,
         from_offset: None,
         from_time: None,
+        from_sequence: None,
     };
     // An active group must be refused. Apache Kafka lists the group's members
     // (DescribeGroups) and rejects a non-member's commit; tansu 0.6 does
@@ -134,6 +137,7 @@ async fn replay_rewinds_a_stopped_group() {
         from_beginning: false,
         from_offset: None,
         from_time: Some(t_mid.to_rfc3339()),
+        from_sequence: None,
     }))
     .await
     .expect("replay from time");
@@ -157,6 +161,7 @@ async fn replay_rewinds_a_stopped_group() {
         from_beginning: false,
         from_offset: Some(format!("{part}:15")),
         from_time: None,
+        from_sequence: None,
     }))
     .await
     .expect("replay from offset");

@@ -38,7 +38,9 @@ fn compose_file_is_consistent_with_the_relay() {
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("valid YAML");
     doc.apply_merge().expect("merge keys");
     let services = doc["services"].as_mapping().expect("services");
-    for name in ["postgres", "redis", "kafka", "rabbitmq", "relay1", "relay2"] {
+    for name in [
+        "postgres", "redis", "kafka", "rabbitmq", "nats", "relay1", "relay2",
+    ] {
         let s = &doc["services"][name];
         assert!(s.is_mapping(), "service {name} missing");
         assert!(
@@ -73,7 +75,7 @@ fn compose_file_is_consistent_with_the_relay() {
         }
         assert!(env.contains_key("BUS") && env.contains_key("DATABASE_URL"));
         // depends_on waits for healthy brokers.
-        for dep in ["postgres", "kafka", "redis", "rabbitmq"] {
+        for dep in ["postgres", "kafka", "redis", "rabbitmq", "nats"] {
             assert_eq!(
                 s["depends_on"][dep]["condition"].as_str(),
                 Some("service_healthy"),
