@@ -10,7 +10,7 @@
 //!   Pub/Sub has none: see [`Capabilities`]).
 //! * A [`Delivery`] carries an ack. Acknowledge only after the side effect (the DB
 //!   commit) has happened. Dropping a delivery without acking it is a *nack*: the
-//!   backends that can redeliver will (memory, RabbitMQ); Kafka re-reads from the
+//!   backends that can redeliver will (memory, RabbitMQ, NATS); Kafka re-reads from the
 //!   last committed offset after a restart or rebalance; Redis loses it.
 //!
 //! # Guarantees per backend
@@ -157,7 +157,8 @@ pub struct Delivery {
     pub room: RoomId,
     pub payload: Bytes,
     /// The backend knows this message was delivered before (RabbitMQ's
-    /// `redelivered` flag, memory's requeue); Kafka and Redis cannot tell.
+    /// `redelivered` flag, memory's requeue, a JetStream delivery count
+    /// above 1); Kafka and Redis cannot tell.
     pub redelivered: bool,
     acker: Option<Box<dyn Acker>>,
 }
