@@ -20,6 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
 
 
+# The tansu test profile. The relay's defaults are right for Apache Kafka,
+# where a fetch returns as soon as data arrives however long
+# `fetch.wait.max.ms` is; tansu holds every fetch for the whole wait, so the
+# load tools (which run against tansu on this machine) shorten it. The
+# caller's environment wins, so a run against real Kafka can unset it.
+TANSU_PROFILE = dict(KAFKA_FETCH_WAIT_MAX_MS="5")
+
+
 def build():
     """Release builds of the relay and the bench tools (the bench/ workspace member)."""
     subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
@@ -170,7 +178,8 @@ class Relay:
         self.start()
 
     def start(self):
-        e = dict(os.environ, **self.env)
+        e = dict(TANSU_PROFILE, **os.environ)
+        e.update(self.env)
         e.update(BIND=f"127.0.0.1:{self.port}", ROLES=self.roles, INSTANCE_ID=self.name, RUST_LOG="warn")
         self.log = open(os.path.join(self.logdir, f"{self.name}.log"), "a")
         self.proc = subprocess.Popen([self.binary], env=e, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)

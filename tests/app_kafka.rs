@@ -17,6 +17,7 @@ use common::app::*;
 fn kafka(topic: &str) -> KafkaConfig {
     KafkaConfig {
         kafka_topic: topic.to_string(),
+        kafka_fetch_wait_max_ms: common::TANSU_FETCH_WAIT_MS,
         ..Default::default()
     }
 }

@@ -15,6 +15,7 @@ use common::conformance as c;
 fn cfg() -> KafkaConfig {
     KafkaConfig {
         kafka_topic: c::uniq("test-"),
+        kafka_fetch_wait_max_ms: common::TANSU_FETCH_WAIT_MS,
         ..Default::default()
     }
 }

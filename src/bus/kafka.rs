@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reconnect::Backoff;
 use super::{
-    Acker, AllRooms, BusError, Capabilities, ConsumerLag, Delivery, GroupKind, LocalRooms,
+    Acker, AllRooms, BusError, Capabilities, Confirm, ConsumerLag, Delivery, GroupKind, LocalRooms,
     MessageBus, Outgoing, RoomInterest, RoomScope, SubscribeOptions, Subscription,
 };
 use crate::protocol::RoomId;
@@ -74,10 +74,12 @@ pub struct KafkaConfig {
     /// Producer `compression.type` (none, gzip, snappy, lz4, zstd).
     #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4")]
     pub kafka_compression: String,
-    /// Consumer `fetch.wait.max.ms`: how long the broker may hold a fetch for
-    /// data. Low, because it bounds end-to-end latency (and tansu sleeps it on
-    /// every fetch).
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 5)]
+    /// Consumer `fetch.wait.max.ms`: how long the broker may hold a fetch
+    /// while it has no data. Kafka answers a fetch as soon as data arrives
+    /// (`fetch.min.bytes` = 1), so a long poll costs no latency and saves the
+    /// broker an empty fetch every few ms per consumer. tansu instead holds
+    /// every fetch for the whole wait: the tests and load tools set 5 ms for it.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 500)]
     pub kafka_fetch_wait_max_ms: u32,
     /// Consumers per shared group in one process (they share the partitions).
     #[arg(long, env = "KAFKA_CONSUMERS", default_value_t = 1)]
@@ -153,9 +155,13 @@ pub struct KafkaBus {
     /// Replaced when librdkafka reports a fatal error: an idempotent producer
     /// whose producer id/sequence state the broker no longer accepts (e.g. a
     /// broker that lost it in a crash) cannot recover and must be recreated.
-    producer: std::sync::RwLock<FutureProducer>,
+    producer: Arc<ProducerSlot>,
     closed: CancellationToken,
 }
+
+/// The current producer, shared with the confirmations still in flight (a
+/// retry after a fatal error uses the replacement).
+type ProducerSlot = std::sync::RwLock<FutureProducer>;
 
 fn make_producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
     base_config(cfg)
@@ -178,39 +184,73 @@ impl KafkaBus {
         let producer = make_producer(&cfg)?;
         Ok(KafkaBus {
             cfg,
-            producer: std::sync::RwLock::new(producer),
+            producer: Arc::new(std::sync::RwLock::new(producer)),
             closed: CancellationToken::new(),
         })
     }
 
     fn producer(&self) -> FutureProducer {
-        // A poisoned lock still holds a usable producer.
-        match self.producer.read() {
-            Ok(p) => p.clone(),
-            Err(e) => e.into_inner().clone(),
-        }
+        current(&self.producer)
     }
+}
 
-    /// Recreates the producer if `failed` (the one that just failed) hit a
-    /// fatal error and has not been replaced yet.
-    fn replace_if_fatal(&self, failed: &FutureProducer) {
-        let Some((code, reason)) = failed.client().fatal_error() else {
-            return;
-        };
-        let mut guard = match self.producer.write() {
-            Ok(g) => g,
-            Err(e) => e.into_inner(),
-        };
-        if !std::ptr::eq(guard.client().native_ptr(), failed.client().native_ptr()) {
-            return; // another publisher already replaced it
+fn current(slot: &ProducerSlot) -> FutureProducer {
+    // A poisoned lock still holds a usable producer.
+    match slot.read() {
+        Ok(p) => p.clone(),
+        Err(e) => e.into_inner().clone(),
+    }
+}
+
+/// Recreates the producer if `failed` (the one that just failed) hit a fatal
+/// error and has not been replaced yet.
+fn replace_if_fatal(slot: &ProducerSlot, cfg: &KafkaConfig, failed: &FutureProducer) {
+    let Some((code, reason)) = failed.client().fatal_error() else {
+        return;
+    };
+    let mut guard = match slot.write() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    };
+    if !std::ptr::eq(guard.client().native_ptr(), failed.client().native_ptr()) {
+        return; // another publisher already replaced it
+    }
+    match make_producer(cfg) {
+        Ok(p) => {
+            tracing::warn!(?code, %reason, "kafka: producer hit a fatal error; recreated it");
+            metrics::counter!("bus_reconnects_total", "backend" => "kafka").increment(1);
+            *guard = p;
         }
-        match make_producer(&self.cfg) {
-            Ok(p) => {
-                tracing::warn!(?code, %reason, "kafka: producer hit a fatal error; recreated it");
-                metrics::counter!("bus_reconnects_total", "backend" => "kafka").increment(1);
-                *guard = p;
+        Err(e) => tracing::warn!(error = %e, "kafka: cannot recreate the producer"),
+    }
+}
+
+/// How long a produce waits for room in librdkafka's local queue before it
+/// is reported as failed.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(200);
+
+/// Puts one record into librdkafka's queue for its partition (the order the
+/// partition is written in) and returns its delivery report. A full local
+/// queue is waited out for [`QUEUE_FULL_WAIT`].
+async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    msg: &Outgoing,
+) -> Result<rdkafka::producer::DeliveryFuture, BusError> {
+    let deadline = tokio::time::Instant::now() + QUEUE_FULL_WAIT;
+    loop {
+        let rec = FutureRecord::to(topic)
+            .key(msg.room.as_str())
+            .payload(&msg.payload[..]);
+        match producer.send_result(rec) {
+            Ok(d) => return Ok(d),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                _,
+            )) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err(e) => tracing::warn!(error = %e, "kafka: cannot recreate the producer"),
+            Err((e, _)) => return Err(unavailable(e)),
         }
     }
 }
@@ -355,33 +395,48 @@ impl MessageBus for KafkaBus {
     }
 
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
+        self.submit(msg).await?.await
+    }
+
+    /// Enqueues the record in librdkafka's partition queue (the room's order:
+    /// with idempotence its own retries keep it) and returns the delivery
+    /// report, so the caller's room turn does not wait for `acks=all`. A
+    /// failed delivery is produced again up to `KAFKA_PUBLISH_RETRIES` times
+    /// — that retry lands after whatever the room published meanwhile (live
+    /// order; positions, history and recovery keep `seq` order).
+    async fn submit(&self, msg: Outgoing) -> Result<Confirm, BusError> {
         if self.closed.is_cancelled() {
             return Err(BusError::Closed);
         }
-        let mut attempt = 0;
-        loop {
-            let rec = FutureRecord::to(&self.cfg.kafka_topic)
-                .key(msg.room.as_str())
-                .payload(&msg.payload[..]);
-            let producer = self.producer();
-            match producer.send(rec, Duration::from_millis(200)).await {
-                Ok(_) => return Ok(()),
-                Err((e, _)) => {
-                    self.replace_if_fatal(&producer);
-                    metrics::counter!("publish_retries_total", "backend" => "kafka").increment(1);
-                    if attempt >= self.cfg.kafka_publish_retries {
-                        return Err(unavailable(e));
-                    }
-                    attempt += 1;
-                    tracing::debug!(error = %e, attempt, "kafka publish failed, retrying");
-                    let backoff = Backoff {
-                        first: Duration::from_millis(self.cfg.kafka_publish_backoff_ms),
-                        max: Duration::from_millis(u64::from(self.cfg.kafka_message_timeout_ms)),
-                    };
-                    tokio::time::sleep(backoff.delay(attempt)).await;
+        let producer = self.producer();
+        let topic = self.cfg.kafka_topic.clone();
+        let mut delivery = enqueue(&producer, &topic, &msg).await?;
+        let (slot, cfg) = (self.producer.clone(), self.cfg.clone());
+        Ok(Box::pin(async move {
+            let mut producer = producer;
+            let mut attempt = 0;
+            loop {
+                let err = match delivery.await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err((e, _))) => e.to_string(),
+                    Err(_) => "the producer was dropped".to_string(),
+                };
+                replace_if_fatal(&slot, &cfg, &producer);
+                metrics::counter!("publish_retries_total", "backend" => "kafka").increment(1);
+                if attempt >= cfg.kafka_publish_retries {
+                    return Err(unavailable(err));
                 }
+                attempt += 1;
+                tracing::debug!(error = %err, attempt, "kafka publish failed, retrying");
+                let backoff = Backoff {
+                    first: Duration::from_millis(cfg.kafka_publish_backoff_ms),
+                    max: Duration::from_millis(u64::from(cfg.kafka_message_timeout_ms)),
+                };
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                producer = current(&slot);
+                delivery = enqueue(&producer, &topic, &msg).await?;
             }
-        }
+        }))
     }
 
     async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, BusError> {

@@ -143,6 +143,10 @@ pub struct Capabilities {
     pub multi_process: bool,
 }
 
+/// The backend's answer to one [`MessageBus::submit`]: `Ok` once the message
+/// was accepted (see the module table for what that means per backend).
+pub type Confirm = futures::future::BoxFuture<'static, Result<(), BusError>>;
+
 /// Acknowledgement handle of one delivery, implemented per backend.
 #[async_trait]
 pub trait Acker: Send + Sync {
@@ -312,6 +316,23 @@ pub trait MessageBus: Send + Sync + 'static {
     /// started after the first returned, are delivered in that order to each
     /// consumer that gets both.
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError>;
+
+    /// Hands `msg` to the backend and returns as soon as its place in the
+    /// room's order is fixed; the returned [`Confirm`] resolves when the
+    /// backend accepted it (what [`MessageBus::publish`] waits for).
+    ///
+    /// Order: two submits for the same room from one caller, the second
+    /// started after the first *returned*, are delivered in that order — so a
+    /// caller that orders a room's sends with a lock can release it before
+    /// the broker answers, and one room's sends are pipelined instead of
+    /// paying one broker round trip (a publisher confirm, an `acks=all`
+    /// produce) each. Backends whose client writes to one ordered connection
+    /// (RabbitMQ's channel, librdkafka's partition queue) override it; the
+    /// default publishes and returns a confirmation that is already settled.
+    async fn submit(&self, msg: Outgoing) -> Result<Confirm, BusError> {
+        self.publish(msg).await?;
+        Ok(Box::pin(std::future::ready(Ok(()))))
+    }
 
     /// Joins consumer group `opts.group`. See [`GroupKind`] for where the
     /// subscription starts reading and [`Capabilities`] for whether group

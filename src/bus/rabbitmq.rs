@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reconnect::{self, Backoff, SessionEnd};
 use super::{
-    Acker, BusError, Capabilities, Delivery, GroupKind, MessageBus, Outgoing, Priority,
+    Acker, BusError, Capabilities, Confirm, Delivery, GroupKind, MessageBus, Outgoing, Priority,
     RoomInterest, RoomScope, SubscribeOptions, Subscription,
 };
 use crate::protocol::{RoomId, RoomKind};
@@ -472,6 +472,13 @@ impl MessageBus for RabbitBus {
     }
 
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
+        self.submit(msg).await?.await
+    }
+
+    /// Writes the message on the one publisher channel (AMQP keeps a
+    /// channel's order) and returns the pending publisher confirm, so the
+    /// caller's room turn does not wait out the broker's disk sync.
+    async fn submit(&self, msg: Outgoing) -> Result<Confirm, BusError> {
         if self.closed.is_cancelled() {
             return Err(BusError::Closed);
         }
@@ -490,33 +497,42 @@ impl MessageBus for RabbitBus {
             .with_delivery_mode(2)
             .with_priority(priority)
             .with_content_type("application/json".into());
-        let confirm = async {
-            let pending = ch
-                .basic_publish(
-                    &self.cfg.rabbitmq_exchange,
-                    &routing_key(&msg.room),
-                    BasicPublishOptions::default(),
-                    &msg.payload,
-                    props,
-                )
-                .await
-                .map_err(unavailable)?;
-            pending.await.map_err(unavailable)
-        };
         let timeout = Duration::from_millis(self.cfg.rabbitmq_confirm_timeout_ms);
-        match tokio::time::timeout(timeout, confirm).await {
-            Ok(Ok(Confirmation::Ack(_))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(BusError::Rejected(
-                "rabbitmq: the broker nacked the message".into(),
-            )),
+        let broken = self.broken.clone();
+        let pending = match tokio::time::timeout(
+            timeout,
+            ch.basic_publish(
+                &self.cfg.rabbitmq_exchange,
+                &routing_key(&msg.room),
+                BasicPublishOptions::default(),
+                &msg.payload,
+                props,
+            ),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
             Ok(Err(e)) => {
-                self.broken.notify_one();
-                Err(e)
+                broken.notify_one();
+                return Err(unavailable(e));
             }
-            Err(_) => Err(BusError::Timeout(
-                "rabbitmq: no publisher confirm in time".into(),
-            )),
-        }
+            Err(_) => return Err(BusError::Timeout("rabbitmq: publish timed out".into())),
+        };
+        Ok(Box::pin(async move {
+            match tokio::time::timeout(timeout, pending).await {
+                Ok(Ok(Confirmation::Ack(_))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
+                Ok(Ok(Confirmation::Nack(_))) => Err(BusError::Rejected(
+                    "rabbitmq: the broker nacked the message".into(),
+                )),
+                Ok(Err(e)) => {
+                    broken.notify_one();
+                    Err(unavailable(e))
+                }
+                Err(_) => Err(BusError::Timeout(
+                    "rabbitmq: no publisher confirm in time".into(),
+                )),
+            }
+        }))
     }
 
     async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, BusError> {

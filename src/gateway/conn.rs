@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
-use super::Gateway;
 use super::recovery::{self, Cursor, Recovery};
 use super::rooms::{ConnId, EnterError, Frame};
+use super::{Gateway, SendError};
 use crate::auth::{ConnSlot, RoomPolicy};
 use crate::bus::Priority;
 use crate::protocol::{
@@ -199,20 +200,47 @@ impl Conn {
         self.push(text(ServerFrame::Left { room: &room }.to_json()));
     }
 
-    async fn send(&mut self, room: RoomId, body: String, cid: Option<String>) {
+    /// The ordered half of a send (id, position, handed to the bus); the
+    /// returned future waits for the bus's answer and is polled by the reader
+    /// beside the next frames, so a connection's sends are pipelined. `None`
+    /// when the send was answered already (refused before the bus).
+    async fn send(&mut self, room: RoomId, body: String, cid: Option<String>) -> Option<Answer> {
         if !self.joined.contains_key(&room) {
             self.error(
                 ErrorCode::NotJoined,
                 "join the room before sending to it",
                 cid.as_deref(),
             );
-            return;
+            return None;
         }
         match self
             .gw
-            .publish_chat(room, self.user.to_string(), body, cid.as_deref())
+            .begin_chat(room, self.user.to_string(), body, cid.as_deref())
             .await
         {
+            Ok(pending) => {
+                // A task of its own: the claim and position settle even while
+                // the reader is busy (a retry of this very `cid` waits for
+                // them) or after the connection is gone.
+                let gw = self.gw.clone();
+                let task = tokio::spawn(async move { pending.finish(&gw).await });
+                Some(Box::pin(async move {
+                    let res = task.await.unwrap_or_else(|e| {
+                        Err(SendError::Bus(format!("message state unknown: {e}")))
+                    });
+                    (cid, res)
+                }))
+            }
+            Err(e) => {
+                self.error(e.code(), &e.to_string(), cid.as_deref());
+                None
+            }
+        }
+    }
+
+    /// Tells the client how its send ended: `ack` with the message id, or the error.
+    fn answer(&self, cid: Option<String>, res: Result<String, SendError>) {
+        match res {
             Ok(id) => self.push(text(
                 ServerFrame::Ack {
                     cid: cid.as_deref(),
@@ -224,6 +252,15 @@ impl Conn {
         }
     }
 }
+
+/// A send waiting for the bus: resolves to its `cid` and how it ended.
+type Answer = futures::future::BoxFuture<'static, (Option<String>, Result<String, SendError>)>;
+
+/// Sends of one connection waiting for the bus at once. Past it the reader
+/// stops reading until the oldest is answered (TCP back-pressure on the
+/// client), so a client cannot grow the server's memory by sending faster
+/// than the broker confirms.
+const MAX_SENDS_IN_FLIGHT: usize = 64;
 
 /// Resolves when the token expiring at `exp` (unix seconds) expires; never
 /// without one.
@@ -352,16 +389,22 @@ pub async fn serve(
     // upgrade: the socket is closed with 4001 when it passes.
     let expiry = token_expiry(expires_at);
     tokio::pin!(expiry);
+    // Sends waiting for the bus, answered in the order they were sent.
+    let mut in_flight: FuturesOrdered<Answer> = FuturesOrdered::new();
     loop {
         let msg = tokio::select! {
             _ = &mut reader_stopped => break,
+            Some((cid, res)) = in_flight.next(), if !in_flight.is_empty() => {
+                conn.answer(cid, res);
+                continue;
+            }
             _ = &mut expiry => {
                 metrics::counter!("ws_token_expired_total").increment(1);
                 close_code.store(CLOSE_TOKEN_EXPIRED, Ordering::Relaxed);
                 kick.cancel();
                 break;
             }
-            m = stream.next() => m,
+            m = stream.next(), if in_flight.len() < MAX_SENDS_IN_FLIGHT => m,
         };
         let msg = match msg {
             Some(Ok(m)) => m,
@@ -402,8 +445,8 @@ pub async fn serve(
                             "too many messages: slow down",
                             cid.as_deref(),
                         );
-                    } else {
-                        Box::pin(conn.send(room, text, cid)).await;
+                    } else if let Some(answer) = Box::pin(conn.send(room, text, cid)).await {
+                        in_flight.push_back(answer);
                     }
                 }
                 Err(e) => conn.error(e.code, &e.message, e.cid.as_deref()),

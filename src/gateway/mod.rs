@@ -3,7 +3,8 @@
 //!
 //! * [`conn`] — one task pair per WebSocket (a reader that answers every client
 //!   frame, a writer that drains the connection's bounded queue). A `send`
-//!   goes to [`Gateway::publish_chat`] → the bus.
+//!   goes to [`Gateway::begin_chat`] → the bus; its `ack` waits for
+//!   [`PendingSend::finish`] while the reader goes on reading.
 //! * [`live`] — this instance's live-delivery consumer: bus → [`rooms`].
 //! * [`rooms`] — the per-instance room registry: members, held frames during a
 //!   join, the recent ring, fan-out into the outbound queues.
@@ -30,7 +31,7 @@ use std::sync::atomic::AtomicI64;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BusError, MessageBus, Outgoing, Priority};
+use crate::bus::{BusError, Confirm, MessageBus, Outgoing, Priority};
 use crate::config::{Limits, PresenceConfig};
 use crate::ids::IdGen;
 use crate::protocol::{BusEvent, ChatMessage, MessageKind, RoomId};
@@ -59,6 +60,68 @@ impl SendError {
         match self {
             SendError::Bus(_) | SendError::InFlight => ErrorCode::BusUnavailable,
             SendError::Db(_) => ErrorCode::DbUnavailable,
+        }
+    }
+}
+
+/// A send handed to the bus ([`Gateway::begin_chat`]) whose answer is still
+/// owed; [`PendingSend::finish`] waits for the broker and settles the claim
+/// and the position. Finish every one: dropping it leaves a `cid` claim
+/// unconfirmed and, when the publish failed, a position recovery waits for.
+pub enum PendingSend {
+    /// A retry of a send already published: its original id.
+    Earlier(String),
+    /// Handed to the bus; the confirmation (or why it failed) is pending.
+    Submitted(Submitted),
+}
+
+/// The state of one submitted send (see [`PendingSend`]).
+pub struct Submitted {
+    room: RoomId,
+    user: String,
+    cid: Option<String>,
+    id: String,
+    seq: i64,
+    confirm: Result<Confirm, BusError>,
+    started: std::time::Instant,
+    deadline: tokio::time::Instant,
+}
+
+impl PendingSend {
+    /// Waits (until the send's `PUBLISH_TIMEOUT_MS` deadline) for the bus to
+    /// accept the message and returns its id — only then may the client be
+    /// told `ack`. On failure the `cid` claim is dropped and the position
+    /// voided.
+    pub async fn finish(self, gw: &Gateway) -> Result<String, SendError> {
+        let s = match self {
+            PendingSend::Earlier(id) => return Ok(id),
+            PendingSend::Submitted(s) => s,
+        };
+        let res = match s.confirm {
+            Ok(c) => match tokio::time::timeout_at(s.deadline, c).await {
+                Ok(r) => r,
+                Err(_) => Err(BusError::Timeout("the bus did not answer in time".into())),
+            },
+            Err(e) => Err(e),
+        };
+        let backend = gw.bus.backend();
+        metrics::histogram!("publish_latency_seconds", "backend" => backend)
+            .record(s.started.elapsed().as_secs_f64());
+        let cid = s.cid.as_deref();
+        match res {
+            Ok(()) => {
+                metrics::counter!("messages_in_total", "backend" => backend).increment(1);
+                gw.settle(&s.room, &s.user, cid, Some(true));
+                Ok(s.id)
+            }
+            Err(e) => {
+                metrics::counter!("publish_errors_total", "backend" => backend).increment(1);
+                gw.settle(&s.room, &s.user, cid, Some(false));
+                if let Err(e) = gw.store.void_seq(&s.room, s.seq).await {
+                    tracing::warn!(error = %e, room = %s.room, seq = s.seq, "position not voided: recovery across it will report a gap");
+                }
+                Err(SendError::Bus(format!("message not sent: {e}")))
+            }
         }
     }
 }
@@ -120,14 +183,9 @@ impl Gateway {
     }
 
     /// Publishes one chat message from `user` and returns its id once the bus
-    /// accepted it, or why it was not sent. Used by WebSocket sends and `POST`
-    /// alike.
-    ///
-    /// With a `cid`, a retry of a send this user already made in this room
-    /// (within `SEND_DEDUPE_WINDOW_MS`, on any instance) is not published
-    /// again: it gets the original message id. Every message takes the room's
-    /// next position ([`Store::next_seq`]) before it is published; a position
-    /// whose publish failed is voided so recovery does not wait for it.
+    /// accepted it, or why it was not sent. Used by `POST`; a WebSocket
+    /// connection calls [`Gateway::begin_chat`] and [`PendingSend::finish`]
+    /// itself so it can read its next frame while the bus confirms.
     pub async fn publish_chat(
         &self,
         room: RoomId,
@@ -135,16 +193,41 @@ impl Gateway {
         text: String,
         cid: Option<&str>,
     ) -> Result<String, SendError> {
+        self.begin_chat(room, user, text, cid)
+            .await?
+            .finish(self)
+            .await
+    }
+
+    /// The ordered half of a send: takes the message id and the room's next
+    /// position and hands the message to the bus ([`MessageBus::submit`]),
+    /// then returns without waiting for the broker's answer.
+    ///
+    /// With a `cid`, a retry of a send this user already made in this room
+    /// (within `SEND_DEDUPE_WINDOW_MS`, on any instance) is not published
+    /// again: it gets the original message id. Every message takes the room's
+    /// next position ([`Store::next_seq`]) before it is published; a position
+    /// whose publish failed is voided so recovery does not wait for it.
+    pub async fn begin_chat(
+        &self,
+        room: RoomId,
+        user: String,
+        text: String,
+        cid: Option<&str>,
+    ) -> Result<PendingSend, SendError> {
+        let deadline = tokio::time::Instant::now() + self.limits.publish_timeout();
         // One send per room at a time on this instance, from taking the id and
-        // position to the bus's answer, so this instance's messages reach the
-        // bus in position (and id) order.
+        // position to handing the message to the bus, so this instance's
+        // messages reach the bus in position (and id) order. The broker's
+        // confirmation is awaited after the turn is released: a room's sends
+        // are pipelined, not one broker round trip each.
         let _turn = self.room_turn(&room).lock().await;
         let id = self.ids.next();
         if let Some(cid) = cid
             && let Some(earlier) = self.claim(&room, &user, cid, &id).await?
         {
             metrics::counter!("send_retries_deduplicated_total").increment(1);
-            return Ok(earlier);
+            return Ok(PendingSend::Earlier(earlier));
         }
         let head = match self.sequencer.next(&room).await {
             Ok(h) => h,
@@ -164,28 +247,27 @@ impl Gateway {
             kind: MessageKind::Chat,
             seq: Some(head.seq),
         };
-        let backend = self.bus.backend();
+        let out = Outgoing {
+            room: room.clone(),
+            payload: Bytes::from(BusEvent::Message(msg).to_json()),
+            priority: Priority::Normal,
+        };
         let started = std::time::Instant::now();
-        let res = self
-            .publish(&BusEvent::Message(msg), Priority::Normal)
-            .await;
-        metrics::histogram!("publish_latency_seconds", "backend" => backend)
-            .record(started.elapsed().as_secs_f64());
-        match res {
-            Ok(()) => {
-                metrics::counter!("messages_in_total", "backend" => backend).increment(1);
-                self.settle(&room, &user, cid, Some(true));
-                Ok(id)
-            }
-            Err(e) => {
-                metrics::counter!("publish_errors_total", "backend" => backend).increment(1);
-                self.settle(&room, &user, cid, Some(false));
-                if let Err(e) = self.store.void_seq(&room, head.seq).await {
-                    tracing::warn!(error = %e, %room, seq = head.seq, "position not voided: recovery across it will report a gap");
-                }
-                Err(SendError::Bus(format!("message not sent: {e}")))
-            }
-        }
+        let confirm = match tokio::time::timeout_at(deadline, self.bus.submit(out)).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BusError::Timeout("the bus did not answer in time".into())),
+        };
+        Ok(PendingSend::Submitted(Submitted {
+            room,
+            user,
+            cid: cid.map(str::to_string),
+            id,
+            seq: head.seq,
+            confirm,
+            started,
+            deadline,
+        }))
     }
 
     /// The lock that orders one room's sends on this instance (striped:

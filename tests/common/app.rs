@@ -114,6 +114,7 @@ pub fn test_config(database_url: &str) -> Config {
     cfg.limits.rate_per_sec = 1000;
     cfg.limits.rate_burst = 1000;
     cfg.instance_id = None;
+    cfg.bus.kafka.kafka_fetch_wait_max_ms = super::TANSU_FETCH_WAIT_MS;
     cfg
 }
 

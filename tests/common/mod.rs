@@ -8,3 +8,9 @@ pub mod nats;
 pub mod rabbit;
 pub mod redis_server;
 pub mod tansu_server;
+
+/// `fetch.wait.max.ms` for the Kafka tests. The product default (500 ms) is
+/// right for Apache Kafka, which answers a fetch as soon as data arrives;
+/// tansu, the broker the tests run against, holds every fetch for the whole
+/// wait — a test-profile value, never a product default.
+pub const TANSU_FETCH_WAIT_MS: u32 = 5;
