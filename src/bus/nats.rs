@@ -6,9 +6,10 @@
 //!   `NATS_MAX_AGE_MS`, `NATS_REPLICAS` replicas (set when the stream is created).
 //! * **Publishing waits for the JetStream ack**: the server answers only once
 //!   the message is stored in the stream, so the client's `ack` means stored.
-//!   Chat messages carry `Nats-Msg-Id: <room>/<message id>`, so a publish that
-//!   is retried (after a lost ack) is stored once within
-//!   `NATS_DUPLICATE_WINDOW_MS`. Presence events carry none: two identical
+//!   Chat messages carry `Nats-Msg-Id: <room>/<message id>`, so a message
+//!   published again (a retry after a lost ack) is stored once within
+//!   `NATS_DUPLICATE_WINDOW_MS`. `submit` returns once the message is written
+//!   on the connection, with the ack still to come. Presence events carry none: two identical
 //!   "joined" events are two events.
 //! * **Workers** (`db-writer`, `analytics`): one **durable pull consumer**
 //!   per group (`<NATS_CONSUMER_PREFIX><group>`), explicit acks (sent after
@@ -39,20 +40,20 @@
 //! the message and let it time out) and `ready()` reports the outage.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::reconnect::{self, Backoff, SessionEnd};
 use super::{
-    Acker, BusError, Capabilities, ConsumerLag, Delivery, GroupKind, MessageBus, Outgoing,
+    Acker, BusError, Capabilities, Confirm, ConsumerLag, Delivery, GroupKind, MessageBus, Outgoing,
     RoomInterest, RoomScope, SubscribeOptions, Subscription,
 };
 use crate::protocol::{RoomId, RoomKind};
@@ -284,38 +285,6 @@ impl NatsBus {
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
-
-    async fn publish_once(
-        &self,
-        subject: &str,
-        id: Option<&str>,
-        payload: Bytes,
-    ) -> Result<(), BusError> {
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(id) = id {
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        }
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, payload)
-            .await
-            .map_err(unavailable)?;
-        match ack.await {
-            Ok(_) => Ok(()),
-            Err(e) => match e.kind() {
-                jetstream::context::PublishErrorKind::TimedOut => {
-                    Err(BusError::Timeout("nats: no JetStream ack in time".into()))
-                }
-                jetstream::context::PublishErrorKind::StreamNotFound
-                | jetstream::context::PublishErrorKind::WrongLastMessageId
-                | jetstream::context::PublishErrorKind::WrongLastSequence
-                | jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
-                    Err(BusError::Rejected(format!("nats: {e}")))
-                }
-                _ => Err(unavailable(e)),
-            },
-        }
-    }
 }
 
 /// The ack handle of one worker delivery. Dropped without an ack, it naks:
@@ -463,26 +432,53 @@ impl MessageBus for NatsBus {
     }
 
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
+        self.submit(msg).await?.await
+    }
+
+    /// Writes the message on the bus's one connection (NATS keeps a
+    /// connection's order, and the stream stores in arrival order) and
+    /// returns the pending JetStream ack, so the caller's room turn does not
+    /// wait for the server's disk write.
+    async fn submit(&self, msg: Outgoing) -> Result<Confirm, BusError> {
         if self.closed.is_cancelled() {
             return Err(BusError::Closed);
         }
+        // Disconnected, the client would buffer the message and let it time
+        // out; answer at once instead.
         if !self.connected() {
             return Err(unavailable("not connected (reconnecting)"));
         }
-        let subject = subject(&self.cfg.nats_subject_prefix, &msg.room);
-        let id = msg_id(&msg.payload);
-        match self
-            .publish_once(&subject, id.as_deref(), msg.payload.clone())
-            .await
-        {
-            // The ack was lost, not necessarily the message: with a
-            // Nats-Msg-Id the retry is stored at most once.
-            Err(BusError::Timeout(_)) if id.is_some() && self.connected() => {
-                self.publish_once(&subject, id.as_deref(), msg.payload)
-                    .await
-            }
-            r => r,
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = msg_id(&msg.payload) {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         }
+        let timeout = Duration::from_millis(self.cfg.nats_publish_timeout_ms);
+        let pending = tokio::time::timeout(
+            timeout,
+            self.js.publish_with_headers(
+                subject(&self.cfg.nats_subject_prefix, &msg.room),
+                headers,
+                msg.payload,
+            ),
+        )
+        .await
+        .map_err(|_| BusError::Timeout("nats: publish timed out".into()))?
+        .map_err(unavailable)?;
+        Ok(Box::pin(async move {
+            use jetstream::context::PublishErrorKind as K;
+            match tokio::time::timeout(timeout, pending.into_future()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => match e.kind() {
+                    K::TimedOut => Err(BusError::Timeout("nats: no JetStream ack in time".into())),
+                    K::StreamNotFound
+                    | K::WrongLastMessageId
+                    | K::WrongLastSequence
+                    | K::MaxPayloadExceeded => Err(BusError::Rejected(format!("nats: {e}"))),
+                    _ => Err(unavailable(e)),
+                },
+                Err(_) => Err(BusError::Timeout("nats: no JetStream ack in time".into())),
+            }
+        }))
     }
 
     async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, BusError> {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chat_relay::bus::nats::{NatsBus, NatsConfig};
 use chat_relay::bus::{
-    BusError, Capabilities, ConsumerLag, MessageBus, Outgoing, SubscribeOptions, Subscription,
+    BusError, Capabilities, Confirm, ConsumerLag, MessageBus, Outgoing, SubscribeOptions,
+    Subscription,
 };
 use tokio::process::{Child, Command};
 
@@ -110,6 +111,9 @@ impl MessageBus for CleanBus {
     }
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError> {
         self.bus.publish(msg).await
+    }
+    async fn submit(&self, msg: Outgoing) -> Result<Confirm, BusError> {
+        self.bus.submit(msg).await
     }
     async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, BusError> {
         self.bus.subscribe(opts).await
