@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The backend comparison, one command.
 
-For each backend (memory redis kafka rabbitmq, selectable with --backends):
+For each backend (memory redis kafka rabbitmq nats, selectable with --backends):
 start the relay on that bus — two gateway instances plus a separate
 persistence+analytics process (one all-roles process for `memory`, which is
 single-process by nature) — warm up, run the same fan-out scenario (k6's
@@ -37,6 +37,7 @@ DURABILITY = {
     "redis": "Redis Pub/Sub (at-most-once), no persistence (--save '' --appendonly no)",
     "kafka": "acks=all, idempotent producer, lz4; tansu memory storage (single broker), commits after DB commit",
     "rabbitmq": "publisher confirms, persistent messages, durable classic queues with x-max-priority, manual acks after DB commit",
+    "nats": "JetStream acks (file storage, 1 replica), Nats-Msg-Id dedupe, durable pull consumers with explicit acks after DB commit; live delivery on core subscriptions",
 }
 
 
@@ -51,7 +52,9 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
     psql(f"CREATE DATABASE {db}")
     env = dict(BUS=backend, DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{db}",
                KAFKA_TOPIC=f"bench-{stamp}", RABBITMQ_EXCHANGE=f"bench-{stamp}",
-               RABBITMQ_QUEUE_PREFIX=f"bench-{stamp}", PERSIST_GROUP=f"db-writer-{stamp}",
+               RABBITMQ_QUEUE_PREFIX=f"bench-{stamp}", NATS_STREAM=f"bench-{stamp}",
+               NATS_SUBJECT_PREFIX=f"bench.{stamp}", NATS_CONSUMER_PREFIX=f"bench-{stamp}-",
+               PERSIST_GROUP=f"db-writer-{stamp}",
                ANALYTICS_GROUP=f"analytics-{stamp}", PERSIST_BATCH_SIZE="1000",
                RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000", MAX_CONNS_PER_IP="0")
     print(f"== {backend}: starting relays", flush=True)
@@ -198,7 +201,7 @@ def svg_chart(results, outdir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default="memory,redis,kafka,rabbitmq")
+    ap.add_argument("--backends", default="memory,redis,kafka,rabbitmq,nats")
     ap.add_argument("--profile", choices=PROFILES, default="short")
     ap.add_argument("--out", default=os.path.join(ROOT, "loadtest/results"))
     ap.add_argument("--render", metavar="RUN_DIR", help="only re-render summary.md and chart.svg of a finished run")
@@ -206,7 +209,7 @@ def main():
                     help="k6 (fanout.js) or the lean Rust generator, for rates k6 cannot offer on this machine")
     args = ap.parse_args()
     if args.render:
-        order = ["memory", "redis", "kafka", "rabbitmq"]
+        order = ["memory", "redis", "kafka", "rabbitmq", "nats"]
         results = [json.load(open(os.path.join(args.render, f"{b}.json"))) for b in order
                    if os.path.exists(os.path.join(args.render, f"{b}.json"))]
         print(markdown(results, args, args.render))

@@ -11,7 +11,8 @@ and one persistence/analytics process (W), and one fault is injected at a time:
                  redis-server is SIGKILLed and restarted on the same port; RabbitMQ
                  is stopped and started (`rabbitmqctl stop_app/start_app`); a
                  private tansu (Kafka protocol, SQLite storage) is SIGKILLed and
-                 restarted
+                 restarted; a private nats-server (JetStream, its own -sd store
+                 directory) is SIGKILLed and restarted on the same port
 
 Counted per run: messages acked to publishers; acked messages missing at a live
 subscriber after it resumed (lost) and raw duplicate frames; acked messages
@@ -63,6 +64,15 @@ class Broker:
                 # knew before a crash produces again.
                 self.env["KAFKA_IDEMPOTENCE"] = "false"
             self.start()
+        elif backend == "nats":
+            # A private server for every run: the shared one on 4222 is never
+            # killed. Its store directory survives the SIGKILL like a disk.
+            self.port = free_port()
+            self.store = os.path.join(logdir, f"nats-{stamp}")
+            self.env = dict(NATS_URL=f"nats://127.0.0.1:{self.port}", NATS_STREAM=f"faults-{stamp}",
+                            NATS_SUBJECT_PREFIX=f"faults.{stamp}", NATS_CONSUMER_PREFIX=f"faults-{stamp}-",
+                            NATS_RECONNECT_MAX_MS="1000", NATS_PUBLISH_TIMEOUT_MS="2500")
+            self.start()
         elif backend == "rabbitmq":
             self.env = dict(RABBITMQ_EXCHANGE=f"faults-{stamp}", RABBITMQ_QUEUE_PREFIX=f"faults-{stamp}.",
                             RABBITMQ_RECONNECT_MAX_MS="1000")
@@ -84,6 +94,10 @@ class Broker:
             self.proc = subprocess.Popen([tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
                                           "--storage-engine", engine], stdout=log, stderr=log)
             wait(lambda: port_open(self.port), 30, "tansu")
+        elif self.backend == "nats":
+            self.proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                                          "-sd", self.store], stdout=log, stderr=log)
+            wait(lambda: port_open(self.port), 30, "nats-server")
         elif self.backend == "rabbitmq":
             subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
             wait(lambda: port_open(5672), 60, "rabbitmq")
@@ -347,7 +361,7 @@ def table(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default="memory,redis,kafka,rabbitmq")
+    ap.add_argument("--backends", default="memory,redis,kafka,rabbitmq,nats")
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--rooms", type=int, default=4)
     ap.add_argument("--subs", type=int, default=3, help="subscribers per room")
