@@ -3,8 +3,76 @@
 mod common;
 
 use chat_relay::protocol::{ChatMessage, MessageKind, RoomId};
-use chat_relay::store::Store;
+use chat_relay::store::{NewClaim, SendKey, Store};
 use common::app::{pg_db, sqlite_db};
+
+fn key(room: &RoomId, cid: &str) -> SendKey {
+    SendKey {
+        room: room.clone(),
+        user: "u".into(),
+        cid: cid.into(),
+    }
+}
+
+/// The sequencer's burst: many claims in one call — new ones, one an earlier
+/// send holds, and one key twice (new once) — and their settling in one call.
+async fn batched_claims(db: &str) {
+    let store = Store::connect(db).await.expect("store");
+    let room = RoomId::parse("chat.batch").expect("room");
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "old", "id0")
+            .await
+            .expect("claim"),
+        None
+    );
+    let claim = |cid: &'static str, id: &'static str| NewClaim {
+        room: &room,
+        user: "u",
+        cid,
+        id,
+    };
+    let fresh = store
+        .claim_sends(&[
+            claim("a", "id1"),
+            claim("old", "id2"),
+            claim("b", "id3"),
+            claim("b", "id4"),
+        ])
+        .await
+        .expect("claims");
+    assert_eq!(fresh[..2], [true, false]);
+    assert_eq!(fresh[2] as u8 + fresh[3] as u8, 1, "{fresh:?}");
+    store
+        .settle_sends(&[key(&room, "a")], &[key(&room, "b")])
+        .await
+        .expect("settle");
+    let a = store
+        .claim_send(&room, "u", "a", "id5")
+        .await
+        .expect("claim");
+    assert_eq!(a.map(|c| (c.id, c.confirmed)), Some(("id1".into(), true)));
+    // Released: a retry of `b` may publish.
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "b", "id6")
+            .await
+            .expect("claim"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn batched_claims_sqlite() {
+    let (_dir, db) = sqlite_db();
+    batched_claims(&db).await;
+}
+
+#[tokio::test]
+async fn batched_claims_postgres() {
+    let db = pg_db().await;
+    batched_claims(&db).await;
+}
 
 async fn cursor_and_dedupe(db: &str) {
     let store = Store::connect(db).await.expect("store");
@@ -51,7 +119,7 @@ async fn cursor_and_dedupe(db: &str) {
         Some(("id1".into(), false))
     );
     store
-        .settle_send(&room, "u", "c1", true)
+        .settle_sends(&[key(&room, "c1")], &[])
         .await
         .expect("settle");
     let again = store
@@ -70,7 +138,7 @@ async fn cursor_and_dedupe(db: &str) {
         None
     );
     store
-        .settle_send(&room, "u", "c2", false)
+        .settle_sends(&[], &[key(&room, "c2")])
         .await
         .expect("settle");
     assert_eq!(
