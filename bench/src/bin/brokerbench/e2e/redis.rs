@@ -1,6 +1,7 @@
 //! Redis Pub/Sub with the `redis` crate, as `src/bus/redis.rs` sets it up:
 //! PUBLISH on a multiplexed connection (a `ConnectionManager` with the
-//! relay's timeouts) per instance; per instance one dedicated pub/sub
+//! relay's timeouts) per instance, one round trip at a time per publisher
+//! (as the relay's Redis backend submits); per instance one dedicated pub/sub
 //! connection that SUBSCRIBEs every room channel `chatroom.<name>`; each
 //! worker group one pub/sub connection with a pattern subscription.
 //!
@@ -8,7 +9,6 @@
 //! `chatroom.*`: the same kind of pattern match per message for Redis, but
 //! it keeps other runs' traffic on the shared server out of this one.
 
-use std::task::Poll;
 use std::time::Duration;
 
 use chat_relay::bus::redis::RedisConfig;
@@ -142,21 +142,19 @@ impl Publish for RedisProducer {
     ) -> BoxFuture<'a, Result<Pending, String>> {
         let (mut conn, timeout, ch) = (self.conn.clone(), self.timeout, channel(room));
         Box::pin(async move {
-            let mut publish: Pending = Box::pin(async move {
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(&ch).arg(&payload[..]);
-                match tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("PUBLISH timed out".to_string()),
-                }
-            });
-            // Polled once here, in call order: that hands the command to the
-            // connection's pipeline, so pipelined publishes leave in order.
-            if let Poll::Ready(r) = futures::poll!(publish.as_mut()) {
-                return Ok(Box::pin(std::future::ready(r)) as Pending);
-            }
-            Ok(publish)
+            // Awaited here, so the next publish starts after this one was
+            // answered: the relay's Redis `submit` (the trait's default)
+            // does the same, and nothing weaker keeps a room's order — a
+            // command handed to the multiplexed connection is not known to
+            // be in its pipeline until it is answered.
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(&ch).arg(&payload[..]);
+            let r = match tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("PUBLISH timed out".to_string()),
+            };
+            Ok(Box::pin(std::future::ready(r)) as Pending)
         })
     }
 }
