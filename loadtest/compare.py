@@ -13,6 +13,13 @@ collect: deliveries/s, end-to-end p50/p95/p99/p99.9, loss/dup/reorder for live
 clients, persistence catch-up time and DB completeness, relay CPU and RSS, and
 the load generator's CPU (so a saturated generator is visible).
 
+Then, for each broker backend and with the relays stopped, the broker's ceiling
+for the same traffic (`brokerbench e2e`: same rate, rooms, size and seconds,
+two instances' producers and live consumers plus the two worker groups, with
+the raw client libraries and the relay's settings, no relay): its acked/s and
+p50/p99 go into <backend>.json ("ceiling") and a second table in summary.md,
+beside the relay's figures. --no-ceiling skips it.
+
 Output: loadtest/results/<run>/<backend>.json, summary.md (table + how to read
 it) and chart.svg.
 
@@ -23,10 +30,12 @@ it) and chart.svg.
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
-from relaylib import ROOT, Relay, build, cpu_seconds, fanout, psql, rss_mb
+from relaylib import ROOT, TANSU_PROFILE, Relay, build, cpu_seconds, fanout, psql, rss_mb
+BROKERBENCH = os.path.join(ROOT, "target/release/brokerbench")
 PROFILES = {
     # rooms, subscribers per room, msgs/s, seconds, fault seconds
     "short": dict(rooms=20, subs=10, rate=400, run_s=15, fault_run_s=12, fault_stop_s=4, size=100),
@@ -44,7 +53,32 @@ def db_rows(db, prefix):
     return int(psql(f"SELECT COUNT(*) FROM messages WHERE room LIKE 'chat.{prefix}-%'", db))
 
 
-def run_backend(backend, p, outdir, stamp, gen="k6"):
+def ceiling(backend, p, outdir, inflight=None):
+    """The broker alone with the profile's traffic (`brokerbench e2e`), run
+    with the same tansu profile as the relays. Returns its JSON plus the
+    command, or an error entry: a failed ceiling must not lose the relay's run."""
+    cmd = [BROKERBENCH, "e2e", "--backend", backend, "--rate", str(p["rate"]), "--seconds", str(p["run_s"]),
+           "--rooms", str(p["rooms"]), "--instances", "2", "--size", str(p["size"]),
+           "--publishers", str(max(50, p["rate"] // 8))]
+    if inflight:
+        cmd += ["--inflight-per-room", str(inflight)]
+    print(f"== {backend}: broker alone, same traffic: {' '.join(cmd[1:])}", flush=True)
+    env = dict(TANSU_PROFILE, **os.environ)
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=p["run_s"] + 120)
+    except subprocess.TimeoutExpired:
+        return dict(error="brokerbench e2e timed out", command=" ".join(cmd[1:]))
+    with open(os.path.join(outdir, "logs", f"{backend}-ceiling.log"), "w") as f:
+        f.write(out.stderr)
+    if out.returncode != 0:
+        return dict(error=f"brokerbench e2e exited {out.returncode}: {out.stderr.strip()[-300:]}", command=" ".join(cmd[1:]))
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["command"] = " ".join(cmd[1:])
+    print(f"   {out.stderr.strip().splitlines()[-1]}", flush=True)
+    return r
+
+
+def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
     logdir = os.path.join(outdir, "logs")
     os.makedirs(logdir, exist_ok=True)
     db = f"bench_{backend}_{stamp}"
@@ -134,6 +168,8 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
     finally:
         for r in procs:
             r.stop()
+    if ceiling_opts is not None and backend != "memory":
+        result["ceiling"] = ceiling(backend, p, outdir, **ceiling_opts)
     with open(os.path.join(outdir, f"{backend}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -161,9 +197,39 @@ def markdown(results, args, outdir):
              f"({p['size']}-byte messages), two gateway instances + one persistence/analytics process per broker backend; "
              f"fault: persistence stopped {p['fault_stop_s']} s under load.\n\nDurability settings:\n")
     text += "".join(f"- **{r['backend']}**: {r['durability']}\n" for r in results)
+    text += ceiling_table(results)
     with open(os.path.join(outdir, "summary.md"), "w") as f:
         f.write(text + "\n")
     return text
+
+
+def ceiling_table(results):
+    """The relay beside the broker alone with the same traffic (empty when no
+    run has a ceiling)."""
+    with_c = [r for r in results if "ceiling" in r]
+    if not with_c:
+        return ""
+    rows = ["", "Relay vs. the broker alone with the same traffic (`brokerbench e2e`, relays stopped): "
+            "acked/s = confirmed publishes per second of the run; latency at the relay's WebSocket "
+            "subscribers vs. at the broker's live consumers.", "",
+            "| backend | relay acked/s | relay e2e p50 / p99 | broker alone (same traffic) acked/s | broker alone (same traffic) p50 / p99 | relay / broker acked/s | relay / broker p99 |",
+            "|---|---|---|---|---|---|---|"]
+    for r in with_c:
+        f, c = r["fanout"], r["ceiling"]
+        relay_rate = f["publish_acked"] / max(f["duration_s"], 1)
+        e = f["e2e_ms"]
+        if "error" in c:
+            rows.append(f"| {r['backend']} | {relay_rate:.0f} | {e['p50']:.1f} / {e['p99']:.1f} ms | failed: {c['error'][:80]} | | | |")
+            continue
+        ce = c["e2e_ms"]
+        ratio = relay_rate / c["acked_per_s"] if c["acked_per_s"] else float("nan")
+        p99 = e["p99"] / ce["p99"] if ce["p99"] else float("nan")
+        rows.append(f"| {r['backend']} | {relay_rate:.0f} | {e['p50']:.1f} / {e['p99']:.1f} ms | {c['acked_per_s']:.0f} "
+                    f"| {ce['p50']:.1f} / {ce['p99']:.1f} ms | {ratio:.2f} | {p99:.1f}x |")
+    inflight = {str(r["ceiling"].get("inflight_per_room") or "unlimited") for r in with_c}
+    rows.append(f"\nBroker alone: publishes in flight per room per instance: {', '.join(sorted(inflight))}; "
+                "producers, consumers and workers in one process (`ceiling.command` in each <backend>.json).\n")
+    return "\n".join(rows)
 
 
 def svg_chart(results, outdir):
@@ -204,6 +270,10 @@ def main():
     ap.add_argument("--render", metavar="RUN_DIR", help="only re-render summary.md and chart.svg of a finished run")
     ap.add_argument("--generator", choices=["k6", "loadgen"], default="k6",
                     help="k6 (fanout.js) or the lean Rust generator, for rates k6 cannot offer on this machine")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the broker-alone run (brokerbench e2e) after each broker backend")
+    ap.add_argument("--ceiling-inflight-per-room", type=int, metavar="N",
+                    help="brokerbench e2e --inflight-per-room (default: pipelined, no limit)")
     args = ap.parse_args()
     if args.render:
         order = ["memory", "redis", "kafka", "rabbitmq"]
@@ -217,7 +287,9 @@ def main():
     outdir = os.path.join(args.out, stamp)
     os.makedirs(outdir, exist_ok=True)
     p = PROFILES[args.profile]
-    results = [run_backend(b.strip(), p, outdir, stamp, args.generator) for b in args.backends.split(",") if b.strip()]
+    ceiling_opts = None if args.no_ceiling else dict(inflight=args.ceiling_inflight_per_room)
+    results = [run_backend(b.strip(), p, outdir, stamp, args.generator, ceiling_opts)
+               for b in args.backends.split(",") if b.strip()]
     text = markdown(results, args, outdir)
     svg_chart(results, outdir)
     print("\n" + text)
