@@ -18,11 +18,22 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
+FLOOR = os.path.join(ROOT, "target/release/floor")
+PEERS = os.path.join(ROOT, "loadtest/peers")
 
 
 def build():
-    """Release builds of the relay and the bench tools (the bench/ workspace member)."""
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
+    """Release builds of the relay and the bench tools (the bench/ workspace member),
+    niced: the machine's 2 cores are shared with whatever else runs."""
+    subprocess.run(["nice", "-n", "10", "cargo", "build", "--release", "--quiet", "--workspace", "--bins"],
+                   cwd=ROOT, check=True)
+
+
+def npm_ci():
+    """The Node side of the peer run (loadtest/peers/: socket.io, the redis
+    adapter, ws), installed from its lock file when missing."""
+    if not os.path.isdir(os.path.join(PEERS, "node_modules")):
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=PEERS, check=True)
 
 
 def free_port():
@@ -203,6 +214,33 @@ class Relay:
                 except ValueError:
                     pass
         return total
+
+
+class Server:
+    """Any other server process a driver compares the relay with (the floor,
+    a Socket.IO instance): started with `cmd` on its own port, ready when the
+    port accepts connections; the same `name`, `port`, `proc`, `stop()` as
+    Relay, so the generators and CPU sampling treat both alike."""
+
+    def __init__(self, name, cmd, logdir, port=None, env=None, cwd=ROOT):
+        self.name, self.logdir = name, logdir
+        self.port = port or free_port()
+        self.log = open(os.path.join(logdir, f"{name}.log"), "a")
+        cmd = [a.replace("{port}", str(self.port)) for a in cmd]
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, **(env or {})), stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=cwd)
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 30, f"{name} on :{self.port}")
+        if self.proc.poll() is not None:
+            raise SystemExit(f"{name} exited at start ({self.proc.returncode}); see {self.log.name}")
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
 
 
 class Loadgen:
