@@ -71,6 +71,10 @@ def one_run(args, server, procs, compared, urls, rate, prefix, extra_pids):
     r["us_per_delivery_all"] = us([p.name for p in procs])
     r["redis_us_per_delivery"] = us(["redis"]) if "redis" in gen.pids else None
     r["generator_cpu_pct"] = r["cpu_pct"]["loadgen"]
+    # Wake-ups of the compared processes per message sent (a cost that does
+    # not shrink with batching when messages are sparse).
+    s0, s1 = gen.switches["publish-start"], gen.switches["publish-end"]
+    r["switches_per_msg"] = round(sum(s1[n] - s0[n] for n in compared) / max(r["sent"], 1), 1)
     return r
 
 
@@ -83,6 +87,8 @@ def main():
     ap.add_argument("--size", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--servers", default="relay,socketio", help="which of relay,socketio to run")
+    ap.add_argument("--relay-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment of the relay processes (repeatable), e.g. TOKIO_WORKER_THREADS=1")
     args = ap.parse_args()
     relaylib.build()
     relaylib.npm_ci()
@@ -103,6 +109,7 @@ def main():
                        PERSIST_GROUP=f"db-writer-{stamp}", ANALYTICS_GROUP=f"analytics-{stamp}",
                        RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000", MAX_CONNS_PER_IP="0",
                        FLOOD_WARNINGS="false", TCP_NODELAY="true")
+            env.update(kv.split("=", 1) for kv in args.relay_env)
             gws = [relaylib.Relay(f"relay-gw{i}-{stamp[-6:]}", env, "gateway", out) for i in (1, 2)]
             worker = relaylib.Relay(f"relay-w-{stamp[-6:]}", env, "persist,analytics", out)
             servers["relay"] = dict(procs=gws + [worker], compared=[g.name for g in gws],
@@ -129,6 +136,7 @@ def main():
                           f"p99 {e['p99']:.2f} ms, lost {r['lost']} dup {r['duplicates']} reordered {r['reordered']}, "
                           f"late {r['late_sends']}, cross {100 * r['cross_instance_share']:.0f} %, "
                           f"{r['us_per_delivery']} µs/delivery (all processes {r['us_per_delivery_all']}), "
+                          f"{r['switches_per_msg']} context switches/msg, "
                           f"CPU % {r['cpu_pct']}", flush=True)
     finally:
         for s in servers.values():
@@ -144,23 +152,23 @@ def main():
                 redis_us=m(lambda r: r["redis_us_per_delivery"] or 0), p50=m(lambda r: r["e2e_ms"]["p50"]),
                 p99=m(lambda r: r["e2e_ms"]["p99"]), lost=m(lambda r: r["lost"]), dup=m(lambda r: r["duplicates"]),
                 dps=m(lambda r: r["deliveries_per_s"]), late=m(lambda r: r["late_sends"]),
-                gen_cpu=m(lambda r: r["generator_cpu_pct"]))
+                gen_cpu=m(lambda r: r["generator_cpu_pct"]), switches=m(lambda r: r["switches_per_msg"]))
     print(f"\n{args.rooms} rooms x {args.subs} subscribers, one publisher per room, {args.seconds} s per run, "
           f"median of {args.runs} alternating runs; server CPU per delivery over the publishing window.\n")
     print("| rate | server | server CPU µs / delivery (compared) | all server processes | redis-server | p50 | p99 "
-          "| lost / dup | deliveries/s | generator CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| lost / dup | deliveries/s | context switches / msg | generator CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in rates:
         for name in names:
             m = med[(name, rate)]
             print(f"| {rate} msg/s | {servers[name]['label']} | {m['us']} | {m['us_all']} | {m['redis_us']} "
                   f"| {m['p50']:.2f} ms | {m['p99']:.2f} ms | {m['lost']:.0f} / {m['dup']:.0f} | {m['dps']:.0f} "
-                  f"| {m['gen_cpu']:.0f} % |")
+                  f"| {m['switches']} | {m['gen_cpu']:.0f} % |")
         if len(names) == 2:
             a, b = med[("relay", rate)], med[("socketio", rate)]
             ratio = lambda x, y: f"{x / y:.2f}x" if y else "n/a"
             print(f"| {rate} msg/s | **relay / Socket.IO** | **{ratio(a['us'], b['us'])}** "
-                  f"| {ratio(a['us_all'], b['us_all'])} | | {ratio(a['p50'], b['p50'])} | **{ratio(a['p99'], b['p99'])}** | | | |")
+                  f"| {ratio(a['us_all'], b['us_all'])} | | {ratio(a['p50'], b['p50'])} | **{ratio(a['p99'], b['p99'])}** | | | | |")
     with open(os.path.join(out, "peers.json"), "w") as f:
         json.dump(dict(args=vars(args), runs=runs,
                        median={f"{n}@{r}": m for (n, r), m in med.items()}), f, indent=2)

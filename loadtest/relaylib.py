@@ -70,6 +70,24 @@ def cpu_seconds(pid):
         return 0.0
 
 
+def context_switches(pid):
+    """Voluntary + involuntary context switches of every thread of `pid`: a
+    count of wake-ups (a thread that sleeps and is woken switches once)."""
+    total = 0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return total
+
+
 def rss_mb(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -246,8 +264,9 @@ class Server:
 class Loadgen:
     """A running loadgen: its stderr markers (publish-start, publish-end, all
     joined) are recorded with their time — and, when `pids` is given, the CPU
-    seconds of those processes at that moment — other stderr lines are kept;
-    `result()` waits for the end and parses the JSON summary it prints last."""
+    seconds of those processes at that moment, and their context switches in
+    `switches` — other stderr lines are kept; `result()` waits for the end and
+    parses the JSON summary it prints last."""
 
     MARKERS = ("publish-start", "publish-end", "all joined")
 
@@ -255,7 +274,7 @@ class Loadgen:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.pids = dict(pids or {})
         self.pids["loadgen"] = self.proc.pid
-        self.marks, self.errors = {}, []
+        self.marks, self.errors, self.switches = {}, [], {}
         self.events = {m: threading.Event() for m in self.MARKERS}
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
@@ -265,6 +284,7 @@ class Loadgen:
             mark = next((m for m in self.MARKERS if line.startswith(m)), None)
             if mark:
                 self.marks[mark] = (time.time(), {n: cpu_seconds(p) for n, p in self.pids.items()})
+                self.switches[mark] = {n: context_switches(p) for n, p in self.pids.items()}
                 self.events[mark].set()
             else:
                 self.errors.append(line.rstrip())
