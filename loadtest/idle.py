@@ -7,9 +7,12 @@ process on BUS (default redis) and a fresh PostgreSQL database, then measures
 each process's CPU over --seconds:
 
 1. empty: no connection at all;
-2. joined: --conns idle WebSocket connections (target/release/loadgen
-   --idle-conns, spread over the gateways, each joined to one of --rooms
-   rooms), no message sent.
+2. joined: --conns idle WebSocket connections on the first gateway
+   (target/release/loadgen --idle-conns, each joined to one of --rooms
+   rooms), no message sent; the other gateway serves none.
+
+The persistence worker PSUBSCRIBEs every chat channel: on a Redis shared
+with other runs its CPU includes their messages (the gateways' does not).
 
 Prints CPU milliseconds per second per process for both phases (from
 /proc/<pid>/task/*/schedstat, in ns: /proc/<pid>/stat's 10 ms ticks are too
@@ -85,7 +88,7 @@ def main():
         res["empty"] = per_sec(c0, cpu(procs), time.time() - t0)
         print(f"empty, {args.seconds} s: CPU ms per second {res['empty']}", flush=True)
         hold = args.seconds + args.settle + 2
-        gen = relaylib.Loadgen([relaylib.LOADGEN, "--url", ",".join(f"ws://127.0.0.1:{g.port}" for g in gws),
+        gen = relaylib.Loadgen([relaylib.LOADGEN, "--url", f"ws://127.0.0.1:{gws[0].port}",
                                 "--idle-conns", str(args.conns), "--rooms", str(args.rooms),
                                 "--hold", str(hold), "--prefix", f"idle{stamp[-6:]}"],
                                pids={p.name: p.proc.pid for p in procs})

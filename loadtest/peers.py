@@ -17,7 +17,9 @@ deliveries in that window. Compared: the relay's two gateways against the two
 Socket.IO instances (the same role: sockets in, Redis, sockets out). Also
 shown: every relay process (gateways + the worker that stores and counts,
 which Socket.IO has no counterpart for), and redis-server's CPU (shared by
-both servers' runs, and by anything else using this Redis).
+both servers' runs, and by anything else using this Redis). The worker
+PSUBSCRIBEs every chat channel, so on a Redis shared with other runs the
+"all server processes" column includes their messages: compare gateways.
 
     loadtest/peers.py                                  # 20 rooms x 25 subs at 100 and 400 msg/s, 3 runs each, 20 s
     loadtest/peers.py --rates 400 --seconds 10 --runs 1
