@@ -192,3 +192,66 @@ async fn concurrent_starts_on_a_fresh_sqlite_file() {
         assert_eq!(b.next_seq(&room).await.expect("seq").seq, 2);
     }
 }
+
+/// The heartbeat's one query for all rooms: members of the asked rooms on
+/// live instances only, with their room.
+async fn presence_members_of_many_rooms(db: &str) {
+    let store = Store::connect(db).await.expect("store");
+    let room = |n: &str| RoomId::parse(&format!("chat.{n}")).expect("room");
+    let now = chrono::Utc::now().timestamp_millis();
+    store.presence_beat("live", now).await.expect("beat");
+    store
+        .presence_beat("dead", now - 60_000)
+        .await
+        .expect("beat");
+    store
+        .presence_change("live", &room("a"), "alice", 1)
+        .await
+        .expect("write");
+    store
+        .presence_change("live", &room("b"), "bob", 1)
+        .await
+        .expect("write");
+    store
+        .presence_change("live", &room("c"), "carol", 1)
+        .await
+        .expect("write");
+    store
+        .presence_change("dead", &room("a"), "dan", 1)
+        .await
+        .expect("write");
+    let mut got = store
+        .presence_members_in(&[room("a"), room("b"), room("none")], now - 10_000)
+        .await
+        .expect("members");
+    got.sort();
+    let want = [("chat.a", "live", "alice"), ("chat.b", "live", "bob")]
+        .map(|(r, i, u)| (r.to_string(), i.to_string(), u.to_string()));
+    assert_eq!(got, want);
+    // The same answer as the per-room query the join uses.
+    assert_eq!(
+        store
+            .presence_members(&room("a"), now - 10_000)
+            .await
+            .expect("members"),
+        vec![("live".to_string(), "alice".to_string())]
+    );
+    assert!(
+        store
+            .presence_members_in(&[], now)
+            .await
+            .expect("members")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn presence_members_of_many_rooms_sqlite() {
+    let (_d, db) = sqlite_db();
+    presence_members_of_many_rooms(&db).await;
+}
+
+#[tokio::test]
+async fn presence_members_of_many_rooms_postgres() {
+    presence_members_of_many_rooms(&pg_db().await).await;
+}
