@@ -13,6 +13,13 @@ collect: deliveries/s, end-to-end p50/p95/p99/p99.9, loss/dup/reorder for live
 clients, persistence catch-up time and DB completeness, relay CPU and RSS, and
 the load generator's CPU (so a saturated generator is visible).
 
+Then, for each broker backend and with the relays stopped, the broker's ceiling
+for the same traffic (`brokerbench e2e`: same rate, rooms, size and seconds,
+two instances' producers and live consumers plus the two worker groups, with
+the raw client libraries and the relay's settings, no relay): its acked/s and
+p50/p99 go into <backend>.json ("ceiling") and a second table in summary.md,
+beside the relay's figures. --no-ceiling skips it.
+
 Output: loadtest/results/<run>/<backend>.json, summary.md (table + how to read
 it) and chart.svg.
 
@@ -23,10 +30,12 @@ it) and chart.svg.
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
-from relaylib import ROOT, Relay, build, cpu_seconds, fanout, psql, rss_mb
+from relaylib import ROOT, TANSU_PROFILE, Relay, build, cpu_seconds, fanout, psql, rss_mb
+BROKERBENCH = os.path.join(ROOT, "target/release/brokerbench")
 PROFILES = {
     # rooms, subscribers per room, msgs/s, seconds, fault seconds
     "short": dict(rooms=20, subs=10, rate=400, run_s=15, fault_run_s=12, fault_stop_s=4, size=100),
@@ -45,7 +54,44 @@ def db_rows(db, prefix):
     return int(psql(f"SELECT COUNT(*) FROM messages WHERE room LIKE 'chat.{prefix}-%'", db))
 
 
-def run_backend(backend, p, outdir, stamp, gen="k6"):
+# The broker's server process per backend, for its CPU during the run.
+BROKER_PROCESS = {"redis": "redis-server", "kafka": "tansu", "rabbitmq": "beam.smp"}
+
+
+def broker_pids(backend):
+    name = BROKER_PROCESS.get(backend)
+    if not name:
+        return []
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def ceiling(backend, p, outdir, inflight=None):
+    """The broker alone with the profile's traffic (`brokerbench e2e`), run
+    with the same tansu profile as the relays. Returns its JSON plus the
+    command, or an error entry: a failed ceiling must not lose the relay's run."""
+    cmd = [BROKERBENCH, "e2e", "--backend", backend, "--rate", str(p["rate"]), "--seconds", str(p["run_s"]),
+           "--rooms", str(p["rooms"]), "--instances", str(p.get("gateways", 2)), "--size", str(p["size"]),
+           "--publishers", str(max(50, p["rate"] // 8))]
+    if inflight:
+        cmd += ["--inflight-per-room", str(inflight)]
+    print(f"== {backend}: broker alone, same traffic: {' '.join(cmd[1:])}", flush=True)
+    env = dict(TANSU_PROFILE, **os.environ)
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=p["run_s"] + 120)
+    except subprocess.TimeoutExpired:
+        return dict(error="brokerbench e2e timed out", command=" ".join(cmd[1:]))
+    with open(os.path.join(outdir, "logs", f"{backend}-ceiling.log"), "w") as f:
+        f.write(out.stderr)
+    if out.returncode != 0:
+        return dict(error=f"brokerbench e2e exited {out.returncode}: {out.stderr.strip()[-300:]}", command=" ".join(cmd[1:]))
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["command"] = " ".join(cmd[1:])
+    print(f"   {out.stderr.strip().splitlines()[-1]}", flush=True)
+    return r
+
+
+def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
     logdir = os.path.join(outdir, "logs")
     os.makedirs(logdir, exist_ok=True)
     db = f"bench_{backend}_{stamp}"
@@ -62,10 +108,9 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
         a = Relay(f"{backend}-a", env, "gateway,persist,analytics", logdir)
         gateways, worker = [a], None
     else:
-        a = Relay(f"{backend}-a", env, "gateway", logdir)
-        b = Relay(f"{backend}-b", env, "gateway", logdir)
+        gateways = [Relay(f"{backend}-{chr(ord('a') + i)}", env, "gateway", logdir)
+                    for i in range(p.get("gateways", 2))]
         worker = Relay(f"{backend}-w", env, "persist,analytics", logdir)
-        gateways = [a, b]
     procs = gateways + ([worker] if worker else [])
     result = dict(backend=backend, durability=DURABILITY[backend], profile=p, generator=gen)
     try:
@@ -74,6 +119,8 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
         print(f"== {backend}: fan-out {p['rooms']}x{p['subs']} at {p['rate']} msg/s for {p['run_s']}s", flush=True)
         prefix = f"f{stamp}{backend[:2]}"
         cpu0 = {r.name: cpu_seconds(r.proc.pid) for r in procs}
+        brokers = broker_pids(backend)
+        bcpu0 = sum(cpu_seconds(pid) for pid in brokers)
         import resource
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.time()
@@ -88,6 +135,8 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
         result["generator_exit"] = load.returncode
         result["relay_cpu_pct"] = {r.name: round(100 * (cpu_seconds(r.proc.pid) - cpu0[r.name]) / elapsed, 1) for r in procs}
         result["relay_rss_mb"] = {r.name: round(rss_mb(r.proc.pid), 1) for r in procs}
+        if brokers:
+            result["broker_cpu_pct"] = round(100 * (sum(cpu_seconds(pid) for pid in brokers) - bcpu0) / elapsed, 1)
         result["generator_cpu_pct"] = round(100 * gen_cpu / max(elapsed, 1), 1)
         # Persistence catch-up after the load.
         t1 = time.time()
@@ -103,7 +152,9 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
         print(f"   {out.strip()}", flush=True)
 
         # Fault: stop the persistence role under load, restart it.
-        if worker is None:
+        if p.get("no_fault"):
+            result["fault"] = dict(note="not run (--no-fault)")
+        elif worker is None:
             result["fault"] = dict(note="memory is single-process: stopping persistence means stopping the process (and its queue)")
         else:
             print(f"== {backend}: fault: persistence stopped for {p['fault_stop_s']}s under load", flush=True)
@@ -137,36 +188,74 @@ def run_backend(backend, p, outdir, stamp, gen="k6"):
     finally:
         for r in procs:
             r.stop()
+    if ceiling_opts is not None and backend != "memory":
+        result["ceiling"] = ceiling(backend, p, outdir, **ceiling_opts)
     with open(os.path.join(outdir, f"{backend}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
+def p_of(result):
+    return result.get("profile", {})
+
+
 def markdown(results, args, outdir):
     gen = results[0].get("generator", "k6")
     missed = "k6 dropped" if gen == "k6" else "sent late"
-    rows = [f"| backend | published / offered ({missed}) | delivered msg/s | cross-instance deliveries | e2e p50 | p95 | p99 | p99.9 | lost / dup / reordered (live) | DB rows / acked after load | DB rows / acked, persistence stopped under load | relay CPU | relay RSS | {gen} CPU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| backend | published / offered ({missed}) | delivered msg/s | cross-instance deliveries | e2e p50 | p95 | p99 | p99.9 | lost / dup / reordered (live) | DB rows / acked after load | DB rows / acked, persistence stopped under load | relay CPU | relay RSS | broker CPU | {gen} CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f = r["fanout"]
         e = f["e2e_ms"]
         fault = r.get("fault", {})
-        fault_s = (f"{fault['rows']}/{fault['acked']} ({fault['missing']} missing)" if "acked" in fault else "n/a (single process)")
+        fault_s = (f"{fault['rows']}/{fault['acked']} ({fault['missing']} missing)" if "acked" in fault
+                   else "not run" if p_of(r).get("no_fault") else "n/a (single process)")
         rows.append(
             f"| {r['backend']} | {f['publish_acked']} / {f['rate'] * f['duration_s']} ({f['dropped_iterations']}) | {f['deliveries_per_s']:.0f} | {100 * f.get('cross_instance_share', 0):.0f}% | {e['p50']:.1f} ms | {e['p95']:.1f} ms | {e['p99']:.1f} ms | {e['p999']:.1f} ms "
             f"| {f['lost']} / {f['duplicates']} / {f['reordered']} | {r['persist']['rows']}/{r['persist']['acked']} in {r['persist']['catch_up_s']} s "
             f"| {fault_s} | {', '.join(f'{v}%' for v in r['relay_cpu_pct'].values())} "
-            f"| {', '.join(f'{v:.0f} MB' for v in r['relay_rss_mb'].values())} | {r.get('generator_cpu_pct', r.get('k6_cpu_pct'))}% |")
+            f"| {', '.join(f'{v:.0f} MB' for v in r['relay_rss_mb'].values())} "
+            f"| {str(r['broker_cpu_pct']) + '%' if 'broker_cpu_pct' in r else 'n/a'} | {r.get('generator_cpu_pct', r.get('k6_cpu_pct'))}% |")
     p = results[0]["profile"]
     text = "\n".join(rows)
     how = ("k6 fanout.js, HTTP publishers" if gen == "k6" else "loadgen, WebSocket publishers")
     text += (f"\n\nWorkload ({how}): {p['rooms']} rooms x {p['subs']} subscribers, {p['rate']} msg/s for {p['run_s']} s "
-             f"({p['size']}-byte messages), two gateway instances + one persistence/analytics process per broker backend; "
-             f"fault: persistence stopped {p['fault_stop_s']} s under load.\n\nDurability settings:\n")
+             f"({p['size']}-byte messages), {p.get('gateways', 2)} gateway instance(s) + one persistence/analytics process per broker backend; "
+             + ("no fault run" if p.get("no_fault") else f"fault: persistence stopped {p['fault_stop_s']} s under load") + ".\n\nDurability settings:\n")
     text += "".join(f"- **{r['backend']}**: {r['durability']}\n" for r in results)
+    text += ceiling_table(results)
     with open(os.path.join(outdir, "summary.md"), "w") as f:
         f.write(text + "\n")
     return text
+
+
+def ceiling_table(results):
+    """The relay beside the broker alone with the same traffic (empty when no
+    run has a ceiling)."""
+    with_c = [r for r in results if "ceiling" in r]
+    if not with_c:
+        return ""
+    rows = ["", "Relay vs. the broker alone with the same traffic (`brokerbench e2e`, relays stopped): "
+            "acked/s = confirmed publishes per second of the run; latency at the relay's WebSocket "
+            "subscribers vs. at the broker's live consumers.", "",
+            "| backend | relay acked/s | relay e2e p50 / p99 | broker alone (same traffic) acked/s | broker alone (same traffic) p50 / p99 | relay / broker acked/s | relay / broker p99 |",
+            "|---|---|---|---|---|---|---|"]
+    for r in with_c:
+        f, c = r["fanout"], r["ceiling"]
+        relay_rate = f["publish_acked"] / max(f["duration_s"], 1)
+        e = f["e2e_ms"]
+        if "error" in c:
+            rows.append(f"| {r['backend']} | {relay_rate:.0f} | {e['p50']:.1f} / {e['p99']:.1f} ms | failed: {c['error'][:80]} | | | |")
+            continue
+        ce = c["e2e_ms"]
+        ratio = relay_rate / c["acked_per_s"] if c["acked_per_s"] else float("nan")
+        p99 = e["p99"] / ce["p99"] if ce["p99"] else float("nan")
+        rows.append(f"| {r['backend']} | {relay_rate:.0f} | {e['p50']:.1f} / {e['p99']:.1f} ms | {c['acked_per_s']:.0f} "
+                    f"| {ce['p50']:.1f} / {ce['p99']:.1f} ms | {ratio:.2f} | {p99:.1f}x |")
+    inflight = {str(r["ceiling"].get("inflight_per_room") or "unlimited") for r in with_c}
+    rows.append(f"\nBroker alone: publishes in flight per room per instance: {', '.join(sorted(inflight))}; "
+                "producers, consumers and workers in one process (`ceiling.command` in each <backend>.json).\n")
+    return "\n".join(rows)
 
 
 def svg_chart(results, outdir):
@@ -207,6 +296,14 @@ def main():
     ap.add_argument("--render", metavar="RUN_DIR", help="only re-render summary.md and chart.svg of a finished run")
     ap.add_argument("--generator", choices=["k6", "loadgen"], default="k6",
                     help="k6 (fanout.js) or the lean Rust generator, for rates k6 cannot offer on this machine")
+    ap.add_argument("--gateways", type=int, default=2,
+                    help="gateway instances per broker backend (same total subscribers, spread over all)")
+    ap.add_argument("--no-fault", action="store_true", help="skip the persistence-stopped run")
+    ap.add_argument("--seconds", type=int, help="override the profile's run length")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the broker-alone run (brokerbench e2e) after each broker backend")
+    ap.add_argument("--ceiling-inflight-per-room", type=int, metavar="N",
+                    help="brokerbench e2e --inflight-per-room (default: pipelined, no limit)")
     args = ap.parse_args()
     if args.render:
         order = ["memory", "redis", "kafka", "rabbitmq", "nats"]
@@ -219,8 +316,12 @@ def main():
     stamp = time.strftime("%Y%m%d%H%M%S")
     outdir = os.path.join(args.out, stamp)
     os.makedirs(outdir, exist_ok=True)
-    p = PROFILES[args.profile]
-    results = [run_backend(b.strip(), p, outdir, stamp, args.generator) for b in args.backends.split(",") if b.strip()]
+    p = dict(PROFILES[args.profile], gateways=args.gateways, no_fault=args.no_fault)
+    if args.seconds:
+        p["run_s"] = args.seconds
+    ceiling_opts = None if args.no_ceiling else dict(inflight=args.ceiling_inflight_per_room)
+    results = [run_backend(b.strip(), p, outdir, stamp, args.generator, ceiling_opts)
+               for b in args.backends.split(",") if b.strip()]
     text = markdown(results, args, outdir)
     svg_chart(results, outdir)
     print("\n" + text)

@@ -55,6 +55,8 @@ def one_run(args, procs, rate, prefix):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="memory", choices=["memory", "redis", "kafka", "rabbitmq"])
+    ap.add_argument("--server", default="relay", choices=["relay", "floor", "both"],
+                    help="relay; the floor (target/release/floor); both, alternating")
     ap.add_argument("--rooms", type=int, default=100)
     ap.add_argument("--subs", type=int, default=50)
     ap.add_argument("--publishers", type=int, default=100)
@@ -80,55 +82,83 @@ def main():
                PERSIST_GROUP=f"db-writer-{stamp}", ANALYTICS_GROUP=f"analytics-{stamp}",
                PERSIST_BATCH_SIZE="2000", RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000",
                MAX_CONNS_PER_IP="0", FLOOD_WARNINGS="false", TCP_NODELAY=os.environ.get("TCP_NODELAY", "true"))
-    if args.backend == "memory":
-        procs = [relaylib.Relay("perf", env, "gateway,persist,analytics", out)]
-    else:
-        procs = [relaylib.Relay("perf-gw", env, "gateway", out), relaylib.Relay("perf-w", env, "persist,analytics", out)]
     rates = [int(x) for x in args.rate.split(",")]
+    names = ["relay", "floor"] if args.server == "both" else [args.server]
+    servers = {}
     runs = []
     try:
+        if "relay" in names:
+            if args.backend == "memory":
+                servers["relay"] = [relaylib.Relay("perf", env, "gateway,persist,analytics", out)]
+            else:
+                servers["relay"] = [relaylib.Relay("perf-gw", env, "gateway", out),
+                                    relaylib.Relay("perf-w", env, "persist,analytics", out)]
+        if "floor" in names:
+            servers["floor"] = [relaylib.Server("floor", [relaylib.FLOOR, "--bind", "127.0.0.1:{port}"], out,
+                                                env=dict(TCP_NODELAY=env["TCP_NODELAY"]))]
         for rate in rates:
             for i in range(args.runs):
-                r = one_run(args, procs, rate, f"p{stamp[-6:]}x{rate}r{i}")
-                r["offered_rate"] = rate
-                runs.append(r)
-                e = r["e2e_ms"]
-                print(f"{rate} msg/s run {i + 1}: {r['deliveries_per_s']:>9.0f} deliveries/s  p50 {e['p50']:.2f} ms  "
-                      f"p99 {e['p99']:.2f} ms  p99.9 {e['p999']:.2f} ms  lost {r['lost']} dup {r['duplicates']} "
-                      f"reordered {r['reordered']}  late sends {r['late_sends']}  relay CPU {r['relay_cpu_pct']} "
-                      f"({r['relay_us_per_delivery']} µs/delivery)  loadgen CPU {r['loadgen_cpu_pct']}%", flush=True)
+                # Alternating, and the order flipped every run: drift on the
+                # shared machine (other builds, page cache) hits both alike.
+                for name in (names if i % 2 == 0 else names[::-1]):
+                    r = one_run(args, servers[name], rate, f"p{stamp[-6:]}{name[0]}x{rate}r{i}")
+                    r["offered_rate"], r["server"] = rate, name
+                    runs.append(r)
+                    e = r["e2e_ms"]
+                    print(f"{name} {rate} msg/s run {i + 1}: {r['deliveries_per_s']:>9.0f} deliveries/s  p50 {e['p50']:.2f} ms  "
+                          f"p99 {e['p99']:.2f} ms  p99.9 {e['p999']:.2f} ms  lost {r['lost']} dup {r['duplicates']} "
+                          f"reordered {r['reordered']}  late sends {r['late_sends']}  server CPU {r['relay_cpu_pct']} "
+                          f"({r['relay_us_per_delivery']} µs/delivery)  loadgen CPU {r['loadgen_cpu_pct']}%", flush=True)
     finally:
-        for p in procs:
-            p.stop()
+        for ps in servers.values():
+            for p in ps:
+                p.stop()
     persist = None
-    if args.db == "postgres":
+    if args.db == "postgres" and "relay" in names:
         # Persist lag of every stored row over all runs: stored_at - ts (ms).
         n, p50, p99, mx = relaylib.psql(
             "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY stored_at - ts), "
             "percentile_cont(0.99) WITHIN GROUP (ORDER BY stored_at - ts), max(stored_at - ts) FROM messages",
             db).split("|")
         persist = dict(rows=int(n), lag_ms=dict(p50=float(p50 or 0), p99=float(p99 or 0), max=float(mx or 0)))
-    medians = {}
-    for rate in rates:
-        rs = [r for r in runs if r["offered_rate"] == rate]
-        med = lambda f: statistics.median(f(r) for r in rs)
-        m = dict(deliveries_per_s=med(lambda r: r["deliveries_per_s"]),
-                 p50=med(lambda r: r["e2e_ms"]["p50"]), p99=med(lambda r: r["e2e_ms"]["p99"]),
-                 p999=med(lambda r: r["e2e_ms"]["p999"]), lost=med(lambda r: r["lost"]),
-                 dup=med(lambda r: r["duplicates"]), reordered=med(lambda r: r["reordered"]),
-                 late_pct=med(lambda r: 100 * r["late_sends"] / max(r["sent"], 1)),
-                 relay_us_per_delivery=med(lambda r: r["relay_us_per_delivery"]))
-        m["sustained"] = (m["p99"] < args.p99_ms and m["lost"] == 0 and m["dup"] == 0
-                          and m["reordered"] == 0 and m["late_pct"] < 1)
-        medians[rate] = m
-        print(f"\nmedian of {len(rs)}: {args.backend} {args.rooms} rooms x {args.subs} subs at {rate} msg/s: "
-              f"{m['deliveries_per_s']:.0f} deliveries/s, p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms, "
-              f"p99.9 {m['p999']:.2f} ms, lost {m['lost']:.0f}, dup {m['dup']:.0f}, reordered {m['reordered']:.0f}, "
-              f"late sends {m['late_pct']:.1f} %, relay {m['relay_us_per_delivery']} µs CPU/delivery -> {'sustained' if m['sustained'] else 'NOT sustained'} "
-              f"(p99 < {args.p99_ms:g} ms)")
+    all_medians = {}
+    for name in names:
+        medians = all_medians[name] = {}
+        label = args.backend if name == "relay" else "floor"
+        for rate in rates:
+            rs = [r for r in runs if r["offered_rate"] == rate and r["server"] == name]
+            med = lambda f: statistics.median(f(r) for r in rs)
+            m = dict(deliveries_per_s=med(lambda r: r["deliveries_per_s"]),
+                     p50=med(lambda r: r["e2e_ms"]["p50"]), p99=med(lambda r: r["e2e_ms"]["p99"]),
+                     p999=med(lambda r: r["e2e_ms"]["p999"]), lost=med(lambda r: r["lost"]),
+                     dup=med(lambda r: r["duplicates"]), reordered=med(lambda r: r["reordered"]),
+                     late_pct=med(lambda r: 100 * r["late_sends"] / max(r["sent"], 1)),
+                     relay_us_per_delivery=med(lambda r: r["relay_us_per_delivery"]))
+            m["sustained"] = (m["p99"] < args.p99_ms and m["lost"] == 0 and m["dup"] == 0
+                              and m["reordered"] == 0 and m["late_pct"] < 1)
+            medians[rate] = m
+            print(f"\nmedian of {len(rs)}: {label} {args.rooms} rooms x {args.subs} subs at {rate} msg/s: "
+                  f"{m['deliveries_per_s']:.0f} deliveries/s, p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms, "
+                  f"p99.9 {m['p999']:.2f} ms, lost {m['lost']:.0f}, dup {m['dup']:.0f}, reordered {m['reordered']:.0f}, "
+                  f"late sends {m['late_pct']:.1f} %, server {m['relay_us_per_delivery']} µs CPU/delivery -> {'sustained' if m['sustained'] else 'NOT sustained'} "
+                  f"(p99 < {args.p99_ms:g} ms)")
+    if args.server == "both":
+        print(f"\n| rate | server | CPU µs per delivery | p50 | p99 | lost | deliveries/s |")
+        print("|---|---|---|---|---|---|---|")
+        for rate in rates:
+            for name in names:
+                m = all_medians[name][rate]
+                who = f"relay ({args.backend}, {'+'.join(p.name for p in servers['relay'])})" if name == "relay" else "floor"
+                print(f"| {rate} | {who} | {m['relay_us_per_delivery']} | {m['p50']:.2f} ms | {m['p99']:.2f} ms "
+                      f"| {m['lost']:.0f} | {m['deliveries_per_s']:.0f} |")
+            rl, fl = all_medians["relay"][rate], all_medians["floor"][rate]
+            print(f"| {rate} | **relay / floor** | **{rl['relay_us_per_delivery'] / max(fl['relay_us_per_delivery'], 0.001):.2f}x** "
+                  f"| {rl['p50'] / max(fl['p50'], 0.001):.2f}x | {rl['p99'] / max(fl['p99'], 0.001):.2f}x | | |")
+    medians = all_medians[names[0]]
     best = max((r for r in rates if medians[r]["sustained"]), default=None)
     summary = dict(backend=args.backend, args=vars(args), runs=runs, persist=persist,
                    median={str(r): m for r, m in medians.items()}, highest_sustained_rate=best,
+                   medians_by_server={n: {str(r): m for r, m in ms.items()} for n, ms in all_medians.items()},
                    highest_sustained_deliveries_per_s=medians[best]["deliveries_per_s"] if best else 0)
     with open(os.path.join(out, "perf.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -18,6 +18,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
+FLOOR = os.path.join(ROOT, "target/release/floor")
+PEERS = os.path.join(ROOT, "loadtest/peers")
 
 
 # The tansu test profile. The relay's defaults are right for Apache Kafka,
@@ -29,8 +31,17 @@ TANSU_PROFILE = dict(KAFKA_FETCH_WAIT_MAX_MS="5")
 
 
 def build():
-    """Release builds of the relay and the bench tools (the bench/ workspace member)."""
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
+    """Release builds of the relay and the bench tools (the bench/ workspace member),
+    niced: the machine's 2 cores are shared with whatever else runs."""
+    subprocess.run(["nice", "-n", "10", "cargo", "build", "--release", "--quiet", "--workspace", "--bins"],
+                   cwd=ROOT, check=True)
+
+
+def npm_ci():
+    """The Node side of the peer run (loadtest/peers/: socket.io, the redis
+    adapter, ws), installed from its lock file when missing."""
+    if not os.path.isdir(os.path.join(PEERS, "node_modules")):
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=PEERS, check=True)
 
 
 def free_port():
@@ -65,6 +76,24 @@ def cpu_seconds(pid):
         return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
+
+
+def context_switches(pid):
+    """Voluntary + involuntary context switches of every thread of `pid`: a
+    count of wake-ups (a thread that sleeps and is woken switches once)."""
+    total = 0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return total
 
 
 def rss_mb(pid):
@@ -214,11 +243,39 @@ class Relay:
         return total
 
 
+class Server:
+    """Any other server process a driver compares the relay with (the floor,
+    a Socket.IO instance): started with `cmd` on its own port, ready when the
+    port accepts connections; the same `name`, `port`, `proc`, `stop()` as
+    Relay, so the generators and CPU sampling treat both alike."""
+
+    def __init__(self, name, cmd, logdir, port=None, env=None, cwd=ROOT):
+        self.name, self.logdir = name, logdir
+        self.port = port or free_port()
+        self.log = open(os.path.join(logdir, f"{name}.log"), "a")
+        cmd = [a.replace("{port}", str(self.port)) for a in cmd]
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ, **(env or {})), stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=cwd)
+        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 30, f"{name} on :{self.port}")
+        if self.proc.poll() is not None:
+            raise SystemExit(f"{name} exited at start ({self.proc.returncode}); see {self.log.name}")
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
 class Loadgen:
     """A running loadgen: its stderr markers (publish-start, publish-end, all
     joined) are recorded with their time — and, when `pids` is given, the CPU
-    seconds of those processes at that moment — other stderr lines are kept;
-    `result()` waits for the end and parses the JSON summary it prints last."""
+    seconds of those processes at that moment, and their context switches in
+    `switches` — other stderr lines are kept; `result()` waits for the end and
+    parses the JSON summary it prints last."""
 
     MARKERS = ("publish-start", "publish-end", "all joined")
 
@@ -226,7 +283,7 @@ class Loadgen:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.pids = dict(pids or {})
         self.pids["loadgen"] = self.proc.pid
-        self.marks, self.errors = {}, []
+        self.marks, self.errors, self.switches = {}, [], {}
         self.events = {m: threading.Event() for m in self.MARKERS}
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
@@ -236,6 +293,7 @@ class Loadgen:
             mark = next((m for m in self.MARKERS if line.startswith(m)), None)
             if mark:
                 self.marks[mark] = (time.time(), {n: cpu_seconds(p) for n, p in self.pids.items()})
+                self.switches[mark] = {n: context_switches(p) for n, p in self.pids.items()}
                 self.events[mark].set()
             else:
                 self.errors.append(line.rstrip())

@@ -9,7 +9,7 @@
 //! The SQL is written once in PostgreSQL's dialect (`$1` placeholders,
 //! `GREATEST`) and rewritten for SQLite (`?1`, `MAX`) by [`Store::sql`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -115,6 +115,23 @@ pub const VOID_RETENTION_MS: i64 = 24 * 3_600_000;
 pub struct RoomHead {
     pub seq: i64,
     pub epoch: String,
+}
+
+/// A new `send` claim: `(room, user, cid)` for message `id`.
+#[derive(Debug, Clone, Copy)]
+pub struct NewClaim<'a> {
+    pub room: &'a RoomId,
+    pub user: &'a str,
+    pub cid: &'a str,
+    pub id: &'a str,
+}
+
+/// The key of a `send` claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendKey {
+    pub room: RoomId,
+    pub user: String,
+    pub cid: String,
 }
 
 /// An earlier `send` with the same `(room, user, cid)`.
@@ -702,6 +719,137 @@ impl Store {
         Ok(claim)
     }
 
+    /// Claims many `(room, user, cid)` at once for new message ids, in one
+    /// statement (PostgreSQL) or one transaction (SQLite) — the sequencer's
+    /// burst, so a send's dedupe claim costs no round trip of its own.
+    /// Returns, per claim, whether it is new (`false`: an earlier send holds
+    /// it; [`Store::claim_send`] tells which). Within one call a key claimed
+    /// twice is new for one of them only.
+    pub async fn claim_sends(&self, claims: &[NewClaim<'_>]) -> Result<Vec<bool>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        // Message ids are unique: a claim is new when its id went in.
+        let inserted: HashSet<String> = match self {
+            Store::Postgres(p) => {
+                let rooms: Vec<&str> = claims.iter().map(|c| c.room.as_str()).collect();
+                let users: Vec<&str> = claims.iter().map(|c| c.user).collect();
+                let cids: Vec<&str> = claims.iter().map(|c| c.cid).collect();
+                let ids: Vec<&str> = claims.iter().map(|c| c.id).collect();
+                let rows = sqlx::query(
+                    "INSERT INTO send_dedupe (room, user_name, cid, id, state, created_at) \
+                     SELECT u.room, u.user_name, u.cid, u.id, 'pending', $5 \
+                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(room, user_name, cid, id) \
+                     ON CONFLICT (room, user_name, cid) DO NOTHING RETURNING id",
+                )
+                .bind(rooms)
+                .bind(users)
+                .bind(cids)
+                .bind(ids)
+                .bind(now)
+                .fetch_all(p)
+                .await?;
+                rows.iter()
+                    .map(|r| r.try_get::<String, _>(0))
+                    .collect::<Result<_, _>>()?
+            }
+            Store::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                let mut set = HashSet::new();
+                for c in claims {
+                    let n = sqlx::query(
+                        "INSERT INTO send_dedupe (room, user_name, cid, id, state, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, 'pending', ?5) ON CONFLICT (room, user_name, cid) DO NOTHING",
+                    )
+                    .bind(c.room.as_str())
+                    .bind(c.user)
+                    .bind(c.cid)
+                    .bind(c.id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 1 {
+                        set.insert(c.id.to_string());
+                    }
+                }
+                tx.commit().await?;
+                set
+            }
+        };
+        Ok(claims.iter().map(|c| inserted.contains(c.id)).collect())
+    }
+
+    /// Settles many claims at once: `acked` are kept as confirmed (a retry
+    /// gets the original id), `failed` deleted so a retry may publish.
+    pub async fn settle_sends(
+        &self,
+        acked: &[SendKey],
+        failed: &[SendKey],
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Postgres(p) => {
+                fn cols(keys: &[SendKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+                    let room: Vec<&str> = keys.iter().map(|k| k.room.as_str()).collect();
+                    let user: Vec<&str> = keys.iter().map(|k| k.user.as_str()).collect();
+                    let cid: Vec<&str> = keys.iter().map(|k| k.cid.as_str()).collect();
+                    (room, user, cid)
+                }
+                if !acked.is_empty() {
+                    let (room, user, cid) = cols(acked);
+                    sqlx::query(
+                        "UPDATE send_dedupe d SET state = 'acked' \
+                         FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(room, user_name, cid) \
+                         WHERE d.room = u.room AND d.user_name = u.user_name AND d.cid = u.cid",
+                    )
+                    .bind(room)
+                    .bind(user)
+                    .bind(cid)
+                    .execute(p)
+                    .await?;
+                }
+                if !failed.is_empty() {
+                    let (room, user, cid) = cols(failed);
+                    sqlx::query(
+                        "DELETE FROM send_dedupe d \
+                         USING UNNEST($1::text[], $2::text[], $3::text[]) AS u(room, user_name, cid) \
+                         WHERE d.room = u.room AND d.user_name = u.user_name AND d.cid = u.cid",
+                    )
+                    .bind(room)
+                    .bind(user)
+                    .bind(cid)
+                    .execute(p)
+                    .await?;
+                }
+            }
+            Store::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                for (keys, sql) in [
+                    (
+                        acked,
+                        "UPDATE send_dedupe SET state = 'acked' WHERE room = ?1 AND user_name = ?2 AND cid = ?3",
+                    ),
+                    (
+                        failed,
+                        "DELETE FROM send_dedupe WHERE room = ?1 AND user_name = ?2 AND cid = ?3",
+                    ),
+                ] {
+                    for k in keys {
+                        sqlx::query(sql)
+                            .bind(k.room.as_str())
+                            .bind(&k.user)
+                            .bind(&k.cid)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes over a claim still pending as `old_id` (its gateway died before
     /// settling it) for `new_id`; `false` when someone else settled or took
     /// it first.
@@ -728,33 +876,6 @@ impl Store {
             .await?
             .rows_affected());
         Ok(n == 1)
-    }
-
-    /// Settles a claim from [`Store::claim_send`]: kept as `acked` when the
-    /// publish was confirmed, deleted when it failed (a retry may publish).
-    pub async fn settle_send(
-        &self,
-        room: &RoomId,
-        user: &str,
-        cid: &str,
-        published: bool,
-    ) -> Result<(), StoreError> {
-        let sql = if published {
-            self.sql(
-                "UPDATE send_dedupe SET state = 'acked' \
-                 WHERE room = $1 AND user_name = $2 AND cid = $3",
-            )
-        } else {
-            self.sql("DELETE FROM send_dedupe WHERE room = $1 AND user_name = $2 AND cid = $3")
-        };
-        on_pool!(self, p => sqlx::query(&sql)
-            .bind(room.as_str())
-            .bind(user)
-            .bind(cid)
-            .execute(p)
-            .await
-            .map(|_| ()))?;
-        Ok(())
     }
 
     /// Drops `send` claims older than `dedupe_window_ms` and voided positions
@@ -865,6 +986,42 @@ impl Store {
                 .iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .collect::<Result<Vec<(String, String)>, sqlx::Error>>()?
+        });
+        Ok(rows)
+    }
+
+    /// Members of every room of `rooms` on instances alive since
+    /// `alive_since_ms`, in one query: (room, instance, user). The heartbeat
+    /// reconciles all of a gateway's rooms with it — one query per room per
+    /// heartbeat cost ~80 µs of relay CPU per room, every
+    /// `PRESENCE_HEARTBEAT_MS`, traffic or not (`loadtest/idle.py`).
+    pub async fn presence_members_in(
+        &self,
+        rooms: &[RoomId],
+        alive_since_ms: i64,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        // The room list travels as one JSON array parameter: no bind limit,
+        // one statement text whatever the number of rooms.
+        let list = serde_json::to_string(&rooms.iter().map(RoomId::as_str).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Db(sqlx::Error::Protocol(e.to_string())))?;
+        let within = match self {
+            Store::Postgres(_) => "SELECT json_array_elements_text($1::json)",
+            Store::Sqlite(_) => "SELECT value FROM json_each($1)",
+        };
+        let sql = self.sql(&format!(
+            "SELECT m.room, m.instance, m.user_name FROM presence_members m \
+             JOIN presence_instances i ON i.instance = m.instance \
+             WHERE m.room IN ({within}) AND i.last_seen >= $2 AND m.conns > 0"
+        ));
+        let rows = on_pool!(self, p => {
+            sqlx::query(&sql)
+                .bind(&list)
+                .bind(alive_since_ms)
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<(String, String, String)>, sqlx::Error>>()?
         });
         Ok(rows)
     }

@@ -67,9 +67,14 @@ async fn wait_submitted(bus: &GatedBus, n: usize) {
     }
 }
 
-#[tokio::test]
-async fn sends_are_pipelined_and_acked_in_order() {
-    let (_dir, db) = sqlite_db();
+/// An app on a [`GatedBus`] (closed) and the sender that opens the gate.
+async fn gated_app() -> (
+    tempfile::TempDir,
+    TestApp,
+    Arc<GatedBus>,
+    watch::Sender<bool>,
+) {
+    let (dir, db) = sqlite_db();
     let (open_tx, open) = watch::channel(false);
     let bus = Arc::new(GatedBus {
         inner: MemoryBus::new(MemoryConfig::default()),
@@ -80,6 +85,12 @@ async fn sends_are_pipelined_and_acked_in_order() {
     // Confirmations are held for as long as the test needs.
     cfg.limits.publish_timeout_ms = 60_000;
     let app = spawn_app_on(cfg, bus.clone()).await;
+    (dir, app, bus, open_tx)
+}
+
+#[tokio::test]
+async fn sends_are_pipelined_and_acked_in_order() {
+    let (_dir, app, bus, open_tx) = gated_app().await;
     let mut c = app.client("alice").await;
     c.join("chat.pipe", None).await;
 
@@ -111,16 +122,7 @@ async fn sends_are_pipelined_and_acked_in_order() {
 
 #[tokio::test]
 async fn sends_waiting_for_the_bus_are_bounded_per_connection() {
-    let (_dir, db) = sqlite_db();
-    let (open_tx, open) = watch::channel(false);
-    let bus = Arc::new(GatedBus {
-        inner: MemoryBus::new(MemoryConfig::default()),
-        open,
-        submitted: AtomicUsize::new(0),
-    });
-    let mut cfg = test_config(&db);
-    cfg.limits.publish_timeout_ms = 60_000;
-    let app = spawn_app_on(cfg, bus.clone()).await;
+    let (_dir, app, bus, open_tx) = gated_app().await;
     let mut c = app.client("alice").await;
     c.join("chat.bound", None).await;
 

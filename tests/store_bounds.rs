@@ -3,8 +3,76 @@
 mod common;
 
 use chat_relay::protocol::{ChatMessage, MessageKind, RoomId};
-use chat_relay::store::Store;
+use chat_relay::store::{NewClaim, SendKey, Store};
 use common::app::{pg_db, sqlite_db};
+
+fn key(room: &RoomId, cid: &str) -> SendKey {
+    SendKey {
+        room: room.clone(),
+        user: "u".into(),
+        cid: cid.into(),
+    }
+}
+
+/// The sequencer's burst: many claims in one call — new ones, one an earlier
+/// send holds, and one key twice (new once) — and their settling in one call.
+async fn batched_claims(db: &str) {
+    let store = Store::connect(db).await.expect("store");
+    let room = RoomId::parse("chat.batch").expect("room");
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "old", "id0")
+            .await
+            .expect("claim"),
+        None
+    );
+    let claim = |cid: &'static str, id: &'static str| NewClaim {
+        room: &room,
+        user: "u",
+        cid,
+        id,
+    };
+    let fresh = store
+        .claim_sends(&[
+            claim("a", "id1"),
+            claim("old", "id2"),
+            claim("b", "id3"),
+            claim("b", "id4"),
+        ])
+        .await
+        .expect("claims");
+    assert_eq!(fresh[..2], [true, false]);
+    assert_eq!(fresh[2] as u8 + fresh[3] as u8, 1, "{fresh:?}");
+    store
+        .settle_sends(&[key(&room, "a")], &[key(&room, "b")])
+        .await
+        .expect("settle");
+    let a = store
+        .claim_send(&room, "u", "a", "id5")
+        .await
+        .expect("claim");
+    assert_eq!(a.map(|c| (c.id, c.confirmed)), Some(("id1".into(), true)));
+    // Released: a retry of `b` may publish.
+    assert_eq!(
+        store
+            .claim_send(&room, "u", "b", "id6")
+            .await
+            .expect("claim"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn batched_claims_sqlite() {
+    let (_dir, db) = sqlite_db();
+    batched_claims(&db).await;
+}
+
+#[tokio::test]
+async fn batched_claims_postgres() {
+    let db = pg_db().await;
+    batched_claims(&db).await;
+}
 
 async fn cursor_and_dedupe(db: &str) {
     let store = Store::connect(db).await.expect("store");
@@ -51,7 +119,7 @@ async fn cursor_and_dedupe(db: &str) {
         Some(("id1".into(), false))
     );
     store
-        .settle_send(&room, "u", "c1", true)
+        .settle_sends(&[key(&room, "c1")], &[])
         .await
         .expect("settle");
     let again = store
@@ -70,7 +138,7 @@ async fn cursor_and_dedupe(db: &str) {
         None
     );
     store
-        .settle_send(&room, "u", "c2", false)
+        .settle_sends(&[], &[key(&room, "c2")])
         .await
         .expect("settle");
     assert_eq!(
@@ -123,4 +191,67 @@ async fn concurrent_starts_on_a_fresh_sqlite_file() {
         assert_eq!(a.next_seq(&room).await.expect("seq").seq, 1);
         assert_eq!(b.next_seq(&room).await.expect("seq").seq, 2);
     }
+}
+
+/// The heartbeat's one query for all rooms: members of the asked rooms on
+/// live instances only, with their room.
+async fn presence_members_of_many_rooms(db: &str) {
+    let store = Store::connect(db).await.expect("store");
+    let room = |n: &str| RoomId::parse(&format!("chat.{n}")).expect("room");
+    let now = chrono::Utc::now().timestamp_millis();
+    store.presence_beat("live", now).await.expect("beat");
+    store
+        .presence_beat("dead", now - 60_000)
+        .await
+        .expect("beat");
+    store
+        .presence_change("live", &room("a"), "alice", 1)
+        .await
+        .expect("write");
+    store
+        .presence_change("live", &room("b"), "bob", 1)
+        .await
+        .expect("write");
+    store
+        .presence_change("live", &room("c"), "carol", 1)
+        .await
+        .expect("write");
+    store
+        .presence_change("dead", &room("a"), "dan", 1)
+        .await
+        .expect("write");
+    let mut got = store
+        .presence_members_in(&[room("a"), room("b"), room("none")], now - 10_000)
+        .await
+        .expect("members");
+    got.sort();
+    let want = [("chat.a", "live", "alice"), ("chat.b", "live", "bob")]
+        .map(|(r, i, u)| (r.to_string(), i.to_string(), u.to_string()));
+    assert_eq!(got, want);
+    // The same answer as the per-room query the join uses.
+    assert_eq!(
+        store
+            .presence_members(&room("a"), now - 10_000)
+            .await
+            .expect("members"),
+        vec![("live".to_string(), "alice".to_string())]
+    );
+    assert!(
+        store
+            .presence_members_in(&[], now)
+            .await
+            .expect("members")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn presence_members_of_many_rooms_sqlite() {
+    let (_d, db) = sqlite_db();
+    presence_members_of_many_rooms(&db).await;
+}
+
+#[tokio::test]
+async fn presence_members_of_many_rooms_postgres() {
+    presence_members_of_many_rooms(&pg_db().await).await;
 }

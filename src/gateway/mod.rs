@@ -111,12 +111,12 @@ impl PendingSend {
         match res {
             Ok(()) => {
                 metrics::counter!("messages_in_total", "backend" => backend).increment(1);
-                gw.settle(&s.room, &s.user, cid, Some(true));
+                gw.settle(&s.room, &s.user, cid, true).await;
                 Ok(s.id)
             }
             Err(e) => {
                 metrics::counter!("publish_errors_total", "backend" => backend).increment(1);
-                gw.settle(&s.room, &s.user, cid, Some(false));
+                gw.settle(&s.room, &s.user, cid, false).await;
                 if let Err(e) = gw.store.void_seq(&s.room, s.seq).await {
                     tracing::warn!(error = %e, room = %s.room, seq = s.seq, "position not voided: recovery across it will report a gap");
                 }
@@ -144,6 +144,8 @@ pub struct Gateway {
     turns: Vec<tokio::sync::Mutex<()>>,
     /// Hands out room positions, one commit per burst of sends.
     sequencer: sequencer::Sequencer,
+    /// Settles `cid` claims once the bus answered, one statement per burst.
+    settler: sequencer::Settler,
     /// Heartbeat and expiry of cluster presence (see [`presence`]).
     pub presence: PresenceConfig,
 }
@@ -169,6 +171,7 @@ impl Gateway {
             bus,
             rooms,
             sequencer: sequencer::Sequencer::spawn(store.clone()),
+            settler: sequencer::Settler::spawn(store.clone()),
             store,
             ids,
             limits,
@@ -223,19 +226,34 @@ impl Gateway {
         // are pipelined, not one broker round trip each.
         let _turn = self.room_turn(&room).lock().await;
         let id = self.ids.next();
-        if let Some(cid) = cid
-            && let Some(earlier) = self.claim(&room, &user, cid, &id).await?
-        {
-            metrics::counter!("send_retries_deduplicated_total").increment(1);
-            return Ok(PendingSend::Earlier(earlier));
-        }
-        let head = match self.sequencer.next(&room).await {
-            Ok(h) => h,
-            Err(e) => {
-                self.settle(&room, &user, cid, None);
-                return Err(SendError::Db(format!(
-                    "message not sent: its room position could not be taken: {e}"
-                )));
+        let db = |e: String| {
+            SendError::Db(format!(
+                "message not sent: its room position could not be taken: {e}"
+            ))
+        };
+        let claim = cid.map(|cid| sequencer::Claim {
+            user: user.clone(),
+            cid: cid.to_string(),
+            id: id.clone(),
+        });
+        let head = match self.sequencer.next(&room, claim).await.map_err(db)? {
+            sequencer::Next::Position(h) => h,
+            // A retry, or a race with one: the slow path decides.
+            sequencer::Next::Claimed => {
+                let cid = cid.unwrap_or_default();
+                if let Some(earlier) = self.claim(&room, &user, cid, &id).await? {
+                    metrics::counter!("send_retries_deduplicated_total").increment(1);
+                    return Ok(PendingSend::Earlier(earlier));
+                }
+                // Taken over from a dead gateway: the claim is ours now.
+                match self.sequencer.next(&room, None).await {
+                    Ok(sequencer::Next::Position(h)) => h,
+                    // A request without a claim always gets a position.
+                    Ok(sequencer::Next::Claimed) | Err(_) => {
+                        self.settle(&room, &user, Some(cid), false).await;
+                        return Err(db("the sequencer did not answer".into()));
+                    }
+                }
             }
         };
         let msg = ChatMessage {
@@ -279,23 +297,17 @@ impl Gateway {
         &self.turns[(h.finish() % self.turns.len() as u64) as usize]
     }
 
-    /// Settles a `cid` claim in the background (the `ack` does not wait for
-    /// it): kept when published (`Some(true)`), dropped otherwise so a retry
-    /// may publish.
-    fn settle(&self, room: &RoomId, user: &str, cid: Option<&str>, published: Option<bool>) {
+    /// Settles a `cid` claim through the batching [`sequencer::Settler`] (the
+    /// `ack` does not wait for the statement): kept when published, dropped
+    /// otherwise so a retry may publish.
+    async fn settle(&self, room: &RoomId, user: &str, cid: Option<&str>, published: bool) {
         let Some(cid) = cid else { return };
-        let (store, room, user, cid) = (
-            self.store.clone(),
-            room.clone(),
-            user.to_string(),
-            cid.to_string(),
-        );
-        let published = published.unwrap_or(false);
-        tokio::spawn(async move {
-            if let Err(e) = store.settle_send(&room, &user, &cid, published).await {
-                tracing::warn!(error = %e, "send dedupe: claim not settled");
-            }
-        });
+        let key = crate::store::SendKey {
+            room: room.clone(),
+            user: user.to_string(),
+            cid: cid.to_string(),
+        };
+        self.settler.settle(key, published).await;
     }
 
     /// Claims `cid` for message `id`; `Some(id)` of the earlier send when this

@@ -23,7 +23,7 @@
 //! working with the members this instance knows from bus events; other
 //! instances that still reach the database expire this one after the TTL.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,14 +60,23 @@ impl Gateway {
     /// `joined` lists them) and tells the room's sockets here about every
     /// member who left with a dead instance. `false`: the store is down.
     pub(crate) async fn presence_refresh(&self, room: &RoomId, alive: &HashSet<String>) -> bool {
-        let remote = match self.store.presence_members(room, self.alive_since()).await {
-            Ok(remote) => remote,
+        match self.store.presence_members(room, self.alive_since()).await {
+            Ok(remote) => {
+                self.presence_apply(room, &remote, alive);
+                true
+            }
             Err(e) => {
                 tracing::warn!(error = %e, %room, "presence store unavailable");
-                return false;
+                false
             }
-        };
-        for (instance, user) in self.rooms.reconcile(room, &remote, alive) {
+        }
+    }
+
+    /// Makes `remote` (the room's members on live instances, from the store)
+    /// the registry's view of `room`, and sends a `presence` `leave` to the
+    /// room's sockets here for every member of a dead instance.
+    fn presence_apply(&self, room: &RoomId, remote: &[(String, String)], alive: &HashSet<String>) {
+        for (instance, user) in self.rooms.reconcile(room, remote, alive) {
             metrics::counter!("presence_expired_total").increment(1);
             let ev = BusEvent::Presence {
                 room: room.clone(),
@@ -84,7 +93,6 @@ impl Gateway {
                 },
             );
         }
-        true
     }
 }
 
@@ -139,12 +147,31 @@ async fn expire(gw: &Gateway) {
         // Cannot tell who is alive: expire nobody.
         Err(_) => return,
     };
-    for room in gw.rooms.rooms() {
-        if !gw.presence_refresh(&room, &alive).await {
-            return;
+    // Every local room's members in one query per chunk, not one per room:
+    // the heartbeat's cost stays flat in the number of rooms served.
+    let rooms = gw.rooms.rooms();
+    for chunk in rooms.chunks(RECONCILE_CHUNK) {
+        let rows = match gw.store.presence_members_in(chunk, gw.alive_since()).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence store unavailable");
+                return;
+            }
+        };
+        let mut by_room: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (room, instance, user) in rows {
+            by_room.entry(room).or_default().push((instance, user));
+        }
+        for room in chunk {
+            let remote = by_room.remove(room.as_str()).unwrap_or_default();
+            gw.presence_apply(room, &remote, &alive);
         }
     }
     if let Err(e) = gw.store.presence_forget(gw.alive_since(), None).await {
         tracing::debug!(error = %e, "presence: stale rows not deleted");
     }
 }
+
+/// Rooms reconciled by one query (bounds the statement's result and its
+/// JSON parameter on an instance serving very many rooms).
+const RECONCILE_CHUNK: usize = 1000;

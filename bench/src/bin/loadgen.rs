@@ -313,9 +313,11 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep_until((start_at + phase).into()).await;
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let stop = Instant::now() + Duration::from_secs(seconds);
+            // Exactly rate × seconds over all publishers: a deadline loop
+            // sent one more per publisher (its first tick fires at once).
+            let total = (seconds as f64 * per_pub).round() as u64;
             let mut seq = 0u64;
-            while Instant::now() < stop {
+            while seq < total {
                 let due = tick.tick().await;
                 if due.elapsed() > Duration::from_millis(10) {
                     late.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,9 @@
-//! `brokerbench`: what the broker alone reaches on this machine, to put the
-//! relay's publish rate in proportion. Publishes `--n` messages of `--size`
-//! bytes with `--concurrency` in flight, with the same durability the relay
-//! uses (RabbitMQ: publisher confirms + persistent; Kafka: acks=all +
-//! idempotence), and prints msgs/s. For Redis use `redis-benchmark -t publish`.
+//! Producer-only mode (no subcommand): what the broker alone reaches on this
+//! machine, to put the relay's publish rate in proportion. Publishes `--n`
+//! messages of `--size` bytes with `--concurrency` in flight, with the same
+//! durability the relay uses (RabbitMQ: publisher confirms + persistent;
+//! Kafka: acks=all + idempotence), and prints msgs/s. For Redis use
+//! `redis-benchmark -t publish`.
 //!
 //!     cargo run --release --bin brokerbench -- --backend rabbitmq --n 50000
 
@@ -10,13 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-
-#[derive(Parser)]
-struct Args {
+/// Flags of the producer-only mode.
+#[derive(clap::Args)]
+pub struct ProduceArgs {
     /// rabbitmq or kafka.
     #[arg(long)]
-    backend: String,
+    backend: Option<String>,
     #[arg(long, default_value_t = 50_000)]
     n: u64,
     #[arg(long, default_value_t = 64)]
@@ -29,13 +29,14 @@ struct Args {
     kafka_brokers: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+pub async fn run(a: ProduceArgs) -> anyhow::Result<()> {
+    let Some(backend) = a.backend.clone() else {
+        anyhow::bail!("--backend is required (or use the `e2e` subcommand)");
+    };
     let payload = vec![b'x'; a.size];
     let next = Arc::new(AtomicU64::new(0));
     let started;
-    match a.backend.as_str() {
+    match backend.as_str() {
         "rabbitmq" => {
             use lapin::options::*;
             use lapin::types::FieldTable;
@@ -147,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{{\"backend\":\"{}\",\"messages\":{},\"seconds\":{:.2},\"msgs_per_s\":{:.0}}}",
-        a.backend,
+        backend,
         a.n,
         secs,
         a.n as f64 / secs
