@@ -277,11 +277,6 @@ impl NatsBus {
         *self.resumed.borrow()
     }
 
-    /// The JetStream context (tests delete their streams through it).
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.js
-    }
-
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
