@@ -194,6 +194,7 @@ pub(crate) async fn connect_client(
                             }
                         }
                     }
+                    async_nats::Event::Closed => tracing::debug!("nats: connection closed"),
                     other => tracing::warn!(event = %other, "nats: client event"),
                 }
             }
