@@ -22,10 +22,11 @@ struct Cli {
 enum Cmd {
     /// Run the relay (the default when no subcommand is given).
     Serve(Box<Config>),
-    /// Rewind a Kafka consumer group (stop its workers first), so a restarted
-    /// worker reprocesses the log: `--from-beginning`, `--from-offset 0:12,3:40`
-    /// or `--from-time 2026-11-22T10:00:00Z`.
-    Replay(Box<chat_relay::replay::ReplayArgs>),
+    /// Rewind a Kafka or Redis Streams (`--bus redis-streams`) consumer group
+    /// (stop its workers first), so a restarted worker reprocesses the log:
+    /// `--from-beginning`, `--from-offset 0:12,3:40` or
+    /// `--from-time 2026-11-22T10:00:00Z`.
+    Replay(Box<chat_relay::replay::ReplayCommand>),
     /// Exit 0 when the local relay answers `/readyz` with 200 (for container healthchecks).
     Healthcheck {
         /// Address of the relay to check.
@@ -41,16 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = match cli.cmd {
         Some(Cmd::Serve(cfg)) => *cfg,
         Some(Cmd::Healthcheck { bind }) => return healthcheck(bind).await,
-        Some(Cmd::Replay(args)) => {
-            let report = chat_relay::replay::replay(&args)
-                .await
-                .with_context(|| format!("replaying consumer group {}", args.group))?;
-            println!(
-                "consumer group {} rewound on topic {}:\n{report}restart its workers to reprocess the log",
-                args.group, args.kafka.kafka_topic
-            );
-            return Ok(());
-        }
+        Some(Cmd::Replay(cmd)) => return replay(&cmd).await,
         None => Config::from_env().context("reading configuration")?,
     };
     let app = Application::build(cfg)
@@ -63,6 +55,40 @@ async fn main() -> anyhow::Result<()> {
         token.cancel();
     });
     app.run_until_stopped().await?;
+    Ok(())
+}
+
+async fn replay(cmd: &chat_relay::replay::ReplayCommand) -> anyhow::Result<()> {
+    use chat_relay::bus::BusKind;
+    let args = &cmd.args;
+    match cmd.replay_bus {
+        None | Some(BusKind::Kafka) => {
+            let report = chat_relay::replay::replay(args)
+                .await
+                .with_context(|| format!("replaying consumer group {}", args.group))?;
+            println!(
+                "consumer group {} rewound on topic {}:\n{report}restart its workers to reprocess the log",
+                args.group, args.kafka.kafka_topic
+            );
+        }
+        Some(BusKind::RedisStreams) => {
+            let report = chat_relay::replay::replay_redis_streams(
+                &args.group,
+                &args.from,
+                &cmd.redis,
+                &cmd.redis_streams,
+            )
+            .await
+            .with_context(|| format!("replaying consumer group {}", args.group))?;
+            println!(
+                "consumer group {} rewound on the redis streams {}stream:*:\n{report}restart its workers to reprocess the log",
+                args.group, cmd.redis_streams.redis_streams_prefix
+            );
+        }
+        Some(other) => {
+            anyhow::bail!("BUS={other:?} keeps no log to replay (only kafka and redis-streams do)")
+        }
+    }
     Ok(())
 }
 

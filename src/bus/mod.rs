@@ -11,7 +11,9 @@
 //! * A [`Delivery`] carries an ack. Acknowledge only after the side effect (the DB
 //!   commit) has happened. Dropping a delivery without acking it is a *nack*: the
 //!   backends that can redeliver will (memory, RabbitMQ); Kafka re-reads from the
-//!   last committed offset after a restart or rebalance; Redis loses it.
+//!   last committed offset after a restart or rebalance; Redis Streams hands
+//!   it to another group member once it has been pending long enough; Redis
+//!   Pub/Sub loses it.
 //!
 //! # Guarantees per backend
 //! | backend | publish returns when | delivery | redelivery | order per room | kept while no consumer |
@@ -20,12 +22,14 @@
 //! | redis | Redis accepted PUBLISH | at-most-once | never | per connection | **no** (lost) |
 //! | kafka | broker acked (acks=all) | at-least-once | from last committed offset | per partition (room key) | yes (retention) |
 //! | rabbitmq | broker confirmed | at-least-once | on nack / channel loss | per queue, single consumer | yes (durable queues) |
+//! | redis-streams | Redis appended the entry in memory (XADD; durable only as far as the server's AOF fsync) | at-least-once | unacked entries claimed after an idle time (XAUTOCLAIM) | per shard stream (room hash), per consumer | yes (until trimmed by MAXLEN/MINID) |
 
 pub mod kafka;
 pub mod memory;
 pub mod rabbitmq;
 pub mod reconnect;
 pub mod redis;
+pub mod redis_streams;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -159,7 +163,8 @@ pub struct Delivery {
     pub room: RoomId,
     pub payload: Bytes,
     /// The backend knows this message was delivered before (RabbitMQ's
-    /// `redelivered` flag, memory's requeue); Kafka and Redis cannot tell.
+    /// `redelivered` flag, memory's requeue, a Redis Streams entry taken over
+    /// with XAUTOCLAIM); Kafka and Redis Pub/Sub cannot tell.
     pub redelivered: bool,
     acker: Option<Box<dyn Acker>>,
 }
@@ -300,7 +305,7 @@ impl RoomInterest for LocalRooms {
 /// The bus every role talks to.
 #[async_trait]
 pub trait MessageBus: Send + Sync + 'static {
-    /// Short backend name: `memory`, `redis`, `kafka`, `rabbitmq`.
+    /// Short backend name: `memory`, `redis`, `kafka`, `rabbitmq`, `redis-streams`.
     fn backend(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;
@@ -389,6 +394,9 @@ pub enum BusKind {
     Redis,
     Kafka,
     Rabbitmq,
+    #[value(name = "redis-streams")]
+    #[serde(rename = "redis-streams")]
+    RedisStreams,
 }
 
 /// Bus selection and per-backend settings (flattened into the server's
@@ -406,6 +414,8 @@ pub struct BusConfig {
     pub kafka: kafka::KafkaConfig,
     #[command(flatten)]
     pub rabbitmq: rabbitmq::RabbitConfig,
+    #[command(flatten)]
+    pub redis_streams: redis_streams::RedisStreamsConfig,
 }
 
 /// Connects the configured backend.
@@ -415,5 +425,9 @@ pub async fn connect(cfg: &BusConfig) -> Result<Arc<dyn MessageBus>, BusError> {
         BusKind::Redis => Arc::new(redis::RedisBus::connect(cfg.redis.clone()).await?),
         BusKind::Kafka => Arc::new(kafka::KafkaBus::connect(cfg.kafka.clone()).await?),
         BusKind::Rabbitmq => Arc::new(rabbitmq::RabbitBus::connect(cfg.rabbitmq.clone()).await?),
+        BusKind::RedisStreams => Arc::new(
+            redis_streams::RedisStreamsBus::connect(cfg.redis.clone(), cfg.redis_streams.clone())
+                .await?,
+        ),
     })
 }

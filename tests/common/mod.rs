@@ -6,6 +6,7 @@ pub mod conformance;
 pub mod multi;
 pub mod rabbit;
 pub mod redis_server;
+pub mod redis_streams;
 pub mod tansu_server;
 
 /// `fetch.wait.max.ms` for the Kafka tests. The product default (500 ms) is
