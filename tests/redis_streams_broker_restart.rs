@@ -9,9 +9,11 @@ mod common;
 use std::time::Duration;
 
 use chat_relay::bus::BusKind;
+use chat_relay::bus::redis_streams::{shard_of, stream_key};
 use chat_relay::config::Role;
+use chat_relay::protocol::RoomId;
 use common::app::*;
-use common::redis_streams::{config, prefix, redis_at};
+use common::redis_streams::{admin, config, prefix, redis_at};
 
 #[tokio::test]
 async fn redis_killed_and_restarted_under_the_relay() {
@@ -32,7 +34,8 @@ async fn redis_killed_and_restarted_under_the_relay() {
     let mut cfg = test_config(&db);
     cfg.bus.bus = BusKind::RedisStreams;
     cfg.bus.redis = redis_at(&server.url());
-    cfg.bus.redis_streams = config(&prefix("rr"));
+    let streams = config(&prefix("rr"));
+    cfg.bus.redis_streams = streams.clone();
     cfg.limits.publish_timeout_ms = 3000;
     cfg.roles = vec![Role::Gateway, Role::Persist];
     let app = spawn_app(cfg).await;
@@ -44,6 +47,22 @@ async fn redis_killed_and_restarted_under_the_relay() {
     server.kill().await;
     sends_refused_while_down(&app, &mut c, room, Duration::from_secs(15)).await;
     server.restart().await;
+    // The AOF kept the stream: the entry acked before the kill is still there.
+    let key = stream_key(
+        &streams.redis_streams_prefix,
+        shard_of(
+            &RoomId::parse(room).expect("room"),
+            streams.redis_streams_shards,
+        ),
+    );
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        admin(&server.url(), &["XRANGE", &key, "-", "+"]).await;
+    assert!(
+        entries
+            .iter()
+            .any(|(_, f)| f.iter().any(|(_, v)| v.contains("\"before\""))),
+        "the stream survived the SIGKILL: {entries:?}"
+    );
     let (got, acked) = delivery_resumes(
         &app,
         &mut c,
