@@ -206,11 +206,23 @@ async fn retention_by_maxlen_and_by_age() {
     cfg.redis_streams_maxlen = 50;
     let bus = CleanBus::connect(&server.url(), cfg.clone()).await;
     let room = c::room("ret");
+    // A group that reads nothing: trimming does not wait for it.
+    let g = c::uniq("g");
+    drop(
+        bus.subscribe(SubscribeOptions::shared(g.clone()))
+            .await
+            .unwrap(),
+    );
     for i in 0..200 {
         c::publish(&bus, &room, &format!("{i}")).await;
     }
     let len: i64 = admin(&server.url(), &["XLEN", &bus.keys()[0]]).await;
     assert!((50..=51).contains(&len), "MAXLEN ~ 50: XLEN {len}");
+    assert_eq!(
+        bus.consumer_lag().unwrap().lag(&g).await,
+        Some(50),
+        "only the retained entries are left for the group: 150 it never read were trimmed"
+    );
 
     let mut cfg = config(&prefix("age"));
     cfg.redis_streams_shards = 1;
@@ -330,6 +342,11 @@ async fn redis_restart_fails_fast_and_groups_come_back() {
     assert!(r.is_err(), "publish while Redis is down fails");
     assert!(t.elapsed() < Duration::from_secs(5), "failures are fast");
     server.restart().await;
+    // No persistence on this server: the entry is gone (the group's
+    // reconnect may already have re-created an empty stream).
+    let key = bus.keys()[shard_of(&room, 8) as usize].clone();
+    let len: i64 = admin(&server.url(), &["XLEN", &key]).await;
+    assert_eq!(len, 0, "a restart without persistence loses the stream");
     let got = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let _ = bus
