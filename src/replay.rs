@@ -273,8 +273,7 @@ pub async fn replay_redis_streams(
     }
     if old.iter().all(Option::is_none) {
         return Err(BusError::Config(format!(
-            "consumer group {group} does not exist on {} (prefix {})",
-            keys.first().map(String::as_str).unwrap_or(""),
+            "consumer group {group} does not exist on the streams {}stream:* (REDIS_STREAMS_PREFIX)",
             cfg.redis_streams_prefix
         )));
     }
