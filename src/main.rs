@@ -47,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
             let what = format!("replaying consumer group {}", args.group);
             let (log, report) = match args.bus {
                 chat_relay::bus::BusKind::RedisStreams => (
-                    format!("the redis streams {}stream:*", args.redis_streams.redis_streams_prefix),
+                    format!(
+                        "the redis streams {}stream:*",
+                        args.redis_streams.redis_streams_prefix
+                    ),
                     chat_relay::replay::replay_redis_streams(
                         &args.group,
                         &args.from,
@@ -60,10 +63,15 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 bus => (
                     match bus {
-                        chat_relay::bus::BusKind::Nats => format!("stream {}", args.nats.nats_stream),
+                        chat_relay::bus::BusKind::Nats => {
+                            format!("stream {}", args.nats.nats_stream)
+                        }
                         _ => format!("topic {}", args.kafka.kafka_topic),
                     },
-                    chat_relay::replay::replay(&args).await.context(what)?.to_string(),
+                    chat_relay::replay::replay(&args)
+                        .await
+                        .context(what)?
+                        .to_string(),
                 ),
             };
             println!(

@@ -316,6 +316,8 @@ async fn replay_nats(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
             start,
         }),
     })
+}
+
 /// What a Redis Streams replay changed: stream key → (old last-delivered id
 /// of the group, new one). Entries after the new id are delivered again.
 #[derive(Debug, Clone, Default)]
