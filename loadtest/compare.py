@@ -71,7 +71,7 @@ def db_rows(db, prefix):
 
 
 # The broker's server process per backend, for its CPU during the run.
-BROKER_PROCESS = {"redis": "redis-server", "kafka": "tansu", "rabbitmq": "beam.smp"}
+BROKER_PROCESS = {"redis": "redis-server", "kafka": "tansu", "rabbitmq": "beam.smp", "redis-streams": "redis-server"}
 
 
 def broker_pids(backend):
