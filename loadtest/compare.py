@@ -72,7 +72,8 @@ def db_rows(db, prefix):
 
 
 # The broker's server process per backend, for its CPU during the run.
-BROKER_PROCESS = {"redis": "redis-server", "kafka": "tansu", "rabbitmq": "beam.smp", "nats": "nats-server"}
+BROKER_PROCESS = {"redis": "redis-server", "redis-streams": "redis-server", "kafka": "tansu", "rabbitmq": "beam.smp",
+                  "nats": "nats-server"}
 
 
 def broker_pids(backend):
