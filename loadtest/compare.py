@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The backend comparison, one command.
 
-For each backend (memory redis kafka rabbitmq nats, selectable with --backends):
+For each backend (memory redis redis-streams kafka rabbitmq nats, selectable with --backends):
 start the relay on that bus — two gateway instances plus a separate
 persistence+analytics process (one all-roles process for `memory`, which is
 single-process by nature) — warm up, run the same fan-out scenario (k6's
@@ -47,7 +47,24 @@ DURABILITY = {
     "kafka": "acks=all, idempotent producer, lz4; tansu memory storage (single broker), commits after DB commit",
     "rabbitmq": "publisher confirms, persistent messages, durable classic queues with x-max-priority, manual acks after DB commit",
     "nats": "JetStream acks (file storage, 1 replica), Nats-Msg-Id dedupe, durable pull consumers with explicit acks after DB commit; live delivery on core subscriptions",
+    "redis-streams": "XADD to 8 shard streams (MAXLEN ~ 100000), consumer groups with XACK after DB commit and XAUTOCLAIM; "
+                     "the shared Redis has no persistence (--save '' --appendonly no): an XADD is acked from memory",
 }
+
+# Short tags for room names: the first two letters, except where they collide.
+TAGS = {"redis-streams": "rs"}
+
+
+def tag(backend):
+    return TAGS.get(backend, backend[:2])
+
+
+def drop_streams(prefix):
+    """Deletes a redis-streams run's keys from the shared Redis."""
+    import subprocess
+    keys = subprocess.run(["redis-cli", "--scan", "--pattern", f"{prefix}*"], capture_output=True, text=True).stdout.split()
+    if keys:
+        subprocess.run(["redis-cli", "DEL", *keys], capture_output=True)
 
 
 def db_rows(db, prefix):
@@ -55,7 +72,8 @@ def db_rows(db, prefix):
 
 
 # The broker's server process per backend, for its CPU during the run.
-BROKER_PROCESS = {"redis": "redis-server", "kafka": "tansu", "rabbitmq": "beam.smp", "nats": "nats-server"}
+BROKER_PROCESS = {"redis": "redis-server", "redis-streams": "redis-server", "kafka": "tansu", "rabbitmq": "beam.smp",
+                  "nats": "nats-server"}
 
 
 def broker_pids(backend):
@@ -94,12 +112,13 @@ def ceiling(backend, p, outdir, inflight=None):
 def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
     logdir = os.path.join(outdir, "logs")
     os.makedirs(logdir, exist_ok=True)
-    db = f"bench_{backend}_{stamp}"
+    db = f"bench_{backend.replace('-', '_')}_{stamp}"
     psql(f"CREATE DATABASE {db}")
     env = dict(BUS=backend, DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{db}",
                KAFKA_TOPIC=f"bench-{stamp}", RABBITMQ_EXCHANGE=f"bench-{stamp}",
                RABBITMQ_QUEUE_PREFIX=f"bench-{stamp}", NATS_STREAM=f"bench-{stamp}",
                NATS_SUBJECT_PREFIX=f"bench.{stamp}", NATS_CONSUMER_PREFIX=f"bench-{stamp}-",
+               REDIS_STREAMS_PREFIX=f"bench-{stamp}:",
                PERSIST_GROUP=f"db-writer-{stamp}",
                ANALYTICS_GROUP=f"analytics-{stamp}", PERSIST_BATCH_SIZE="1000",
                RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000", MAX_CONNS_PER_IP="0")
@@ -117,7 +136,7 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
         # Warm-up (JIT-free, but connections, topic metadata, pools).
         fanout(gen, gateways, f"warm{stamp}", dict(p, rate=min(p["rate"], 100)), 3, os.path.join(outdir, f"{backend}-warm.json"))
         print(f"== {backend}: fan-out {p['rooms']}x{p['subs']} at {p['rate']} msg/s for {p['run_s']}s", flush=True)
-        prefix = f"f{stamp}{backend[:2]}"
+        prefix = f"f{stamp}{tag(backend)}"
         cpu0 = {r.name: cpu_seconds(r.proc.pid) for r in procs}
         brokers = broker_pids(backend)
         bcpu0 = sum(cpu_seconds(pid) for pid in brokers)
@@ -158,7 +177,7 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
             result["fault"] = dict(note="memory is single-process: stopping persistence means stopping the process (and its queue)")
         else:
             print(f"== {backend}: fault: persistence stopped for {p['fault_stop_s']}s under load", flush=True)
-            fprefix = f"x{stamp}{backend[:2]}"
+            fprefix = f"x{stamp}{tag(backend)}"
             fpath = os.path.join(outdir, f"{backend}-fault.json")
             load, started = fanout(gen, gateways, fprefix, p, p["fault_run_s"], fpath, wait=False)
             started.wait(120)
@@ -188,8 +207,9 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
     finally:
         for r in procs:
             r.stop()
-    # brokerbench has no NATS client yet: no ceiling row for nats.
-    if ceiling_opts is not None and backend not in ("memory", "nats"):
+        if backend == "redis-streams":
+            drop_streams(f"bench-{stamp}:")
+    if ceiling_opts is not None and backend != "memory":
         result["ceiling"] = ceiling(backend, p, outdir, **ceiling_opts)
     with open(os.path.join(outdir, f"{backend}.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -291,7 +311,7 @@ def svg_chart(results, outdir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default="memory,redis,kafka,rabbitmq,nats")
+    ap.add_argument("--backends", default="memory,redis,redis-streams,kafka,rabbitmq,nats")
     ap.add_argument("--profile", choices=PROFILES, default="short")
     ap.add_argument("--out", default=os.path.join(ROOT, "loadtest/results"))
     ap.add_argument("--render", metavar="RUN_DIR", help="only re-render summary.md and chart.svg of a finished run")
@@ -307,7 +327,7 @@ def main():
                     help="brokerbench e2e --inflight-per-room (default: pipelined, no limit)")
     args = ap.parse_args()
     if args.render:
-        order = ["memory", "redis", "kafka", "rabbitmq", "nats"]
+        order = ["memory", "redis", "redis-streams", "kafka", "rabbitmq", "nats"]
         results = [json.load(open(os.path.join(args.render, f"{b}.json"))) for b in order
                    if os.path.exists(os.path.join(args.render, f"{b}.json"))]
         print(markdown(results, args, args.render))

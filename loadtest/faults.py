@@ -8,7 +8,9 @@ and one persistence/analytics process (W), and one fault is injected at a time:
   gateway-kill   A is killed with SIGKILL; its clients reconnect to B and resume
                  with `since` (A's publishers too)
   broker-restart the broker process goes away for 3 s and comes back: a private
-                 redis-server is SIGKILLed and restarted on the same port; RabbitMQ
+                 redis-server is SIGKILLed and restarted on the same port (for
+                 redis-streams with an AOF, `appendfsync always`, so the streams
+                 survive; plain redis keeps nothing anyway); RabbitMQ
                  is stopped and started (`rabbitmqctl stop_app/start_app`); a
                  private tansu (Kafka protocol, SQLite storage) is SIGKILLed and
                  restarted; a private nats-server (JetStream, its own -sd store
@@ -23,6 +25,7 @@ gap in deliveries around the fault (time until delivery resumed).
 
     loadtest/faults.py                                  # all backends, all faults
     loadtest/faults.py --backends redis --faults broker-restart --rate 200
+    loadtest/faults.py --backends redis-streams
 
 `memory` is one process: it has no separate persistence worker, no second
 gateway and no broker to restart, so its rows say n/a.
@@ -52,9 +55,11 @@ class Broker:
     def __init__(self, backend, logdir, stamp, durable=False):
         self.backend, self.logdir, self.proc, self.durable = backend, logdir, None, durable
         self.env = {}
-        if backend == "redis":
+        if backend in ("redis", "redis-streams"):
             self.port = free_port()
             self.env = dict(REDIS_URL=f"redis://127.0.0.1:{self.port}", REDIS_RECONNECT_MAX_MS="1000")
+            if backend == "redis-streams":
+                self.env["REDIS_STREAMS_PREFIX"] = f"faults-{stamp}:"
             self.start()
         elif backend == "kafka":
             self.port = free_port()
@@ -79,9 +84,16 @@ class Broker:
 
     def start(self):
         log = open(os.path.join(self.logdir, f"broker-{self.backend}.log"), "a")
-        if self.backend == "redis":
+        if self.backend in ("redis", "redis-streams"):
+            persistence = ["--save", "", "--appendonly", "no"]
+            if self.backend == "redis-streams" and self.durable:
+                # Every XADD on disk before Redis answers: the streams, their
+                # groups and pending entries survive the SIGKILL.
+                aof = os.path.join(self.logdir, f"redis-{self.port}")
+                os.makedirs(aof, exist_ok=True)
+                persistence = ["--save", "", "--dir", aof, "--appendonly", "yes", "--appendfsync", "always"]
             self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no"], stdout=log, stderr=log)
+                                          *persistence], stdout=log, stderr=log)
             wait(lambda: port_open(self.port), 30, "redis")
         elif self.backend == "kafka":
             tansu = shutil.which("tansu") or os.path.expanduser("~/.cargo/bin/tansu")
@@ -361,7 +373,7 @@ def table(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default="memory,redis,kafka,rabbitmq,nats")
+    ap.add_argument("--backends", default="memory,redis,redis-streams,kafka,rabbitmq,nats")
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--rooms", type=int, default=4)
     ap.add_argument("--subs", type=int, default=3, help="subscribers per room")

@@ -1,5 +1,5 @@
 //! The `chat-relay` binary: `serve` (default) runs the relay; `replay` rewinds a
-//! Kafka or NATS consumer group.
+//! Kafka, NATS or Redis Streams consumer group.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -22,10 +22,11 @@ struct Cli {
 enum Cmd {
     /// Run the relay (the default when no subcommand is given).
     Serve(Box<Config>),
-    /// Rewind a Kafka or NATS (`--bus nats`) consumer group (stop its workers
-    /// first), so a restarted worker reprocesses the log: `--from-beginning`,
-    /// `--from-offset 0:12,3:40` (Kafka), `--from-sequence 120` (NATS) or
-    /// `--from-time 2026-11-22T10:00:00Z`.
+    /// Rewind a Kafka, NATS (`--bus nats`) or Redis Streams (`--bus
+    /// redis-streams`) consumer group (stop its workers first), so a restarted
+    /// worker reprocesses the log: `--from-beginning`, `--from-offset
+    /// 0:12,3:40` (Kafka partition:offset, Redis Streams shard:id),
+    /// `--from-sequence 120` (NATS) or `--from-time 2026-11-22T10:00:00Z`.
     Replay(Box<chat_relay::replay::ReplayArgs>),
     /// Exit 0 when the local relay answers `/readyz` with 200 (for container healthchecks).
     Healthcheck {
@@ -43,12 +44,35 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Serve(cfg)) => *cfg,
         Some(Cmd::Healthcheck { bind }) => return healthcheck(bind).await,
         Some(Cmd::Replay(args)) => {
-            let report = chat_relay::replay::replay(&args)
-                .await
-                .with_context(|| format!("replaying consumer group {}", args.group))?;
-            let log = match args.bus {
-                chat_relay::bus::BusKind::Nats => format!("stream {}", args.nats.nats_stream),
-                _ => format!("topic {}", args.kafka.kafka_topic),
+            let what = format!("replaying consumer group {}", args.group);
+            let (log, report) = match args.bus {
+                chat_relay::bus::BusKind::RedisStreams => (
+                    format!(
+                        "the redis streams {}stream:*",
+                        args.redis_streams.redis_streams_prefix
+                    ),
+                    chat_relay::replay::replay_redis_streams(
+                        &args.group,
+                        &args.from,
+                        &args.redis,
+                        &args.redis_streams,
+                    )
+                    .await
+                    .context(what)?
+                    .to_string(),
+                ),
+                bus => (
+                    match bus {
+                        chat_relay::bus::BusKind::Nats => {
+                            format!("stream {}", args.nats.nats_stream)
+                        }
+                        _ => format!("topic {}", args.kafka.kafka_topic),
+                    },
+                    chat_relay::replay::replay(&args)
+                        .await
+                        .context(what)?
+                        .to_string(),
+                ),
             };
             println!(
                 "consumer group {} rewound on {log}:\n{report}restart its workers to reprocess the log",

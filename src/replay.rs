@@ -1,13 +1,14 @@
 //! `chat-relay replay`: the admin command that rewinds a stopped consumer
-//! group (Kafka, NATS JetStream), so its restarted workers reprocess the log
-//! (rebuild the DB, recount analytics). It is not part of the message path:
-//! the relay itself never rewinds a group. Only Kafka and JetStream keep a
-//! log to replay; the other backends say so in their capabilities.
+//! group (Kafka, NATS JetStream, Redis Streams), so its restarted workers
+//! reprocess the log (rebuild the DB, recount analytics). It is not part of
+//! the message path: the relay itself never rewinds a group. Only these three
+//! keep a log to replay ([`replay`], [`replay_redis_streams`]); the other
+//! backends say so in their capabilities.
 //!
 //! JetStream cannot move a durable consumer's position in place: the replay
 //! deletes the group's consumer and creates it again with the same name and
 //! settings and a new start (`DeliverPolicy::All`, `ByStartSequence`,
-//! `ByStartTime`).
+//! `ByStartTime`). Redis Streams moves the group with `XGROUP SETID`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,6 +19,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::bus::kafka::{KafkaConfig, plain_consumer, unavailable};
 use crate::bus::nats::{self, NatsConfig};
+use crate::bus::redis::RedisConfig;
+use crate::bus::redis_streams::{self, RedisStreamsConfig};
 use crate::bus::{BusError, BusKind};
 
 /// Where `chat-relay replay` rewinds a group to.
@@ -46,13 +49,17 @@ pub struct ReplayArgs {
     pub group: String,
     #[command(flatten)]
     pub from: ReplayFrom,
-    /// Which backend's group to rewind: `kafka` or `nats`.
+    /// Which backend's group to rewind: `kafka`, `nats` or `redis-streams`.
     #[arg(long, env = "BUS", value_enum, default_value = "kafka")]
     pub bus: BusKind,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub nats: NatsConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    #[command(flatten)]
+    pub redis_streams: RedisStreamsConfig,
 }
 
 /// What a replay changed: partition → (old committed offset, new offset) on
@@ -98,7 +105,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
         BusKind::Nats => return replay_nats(args).await,
         other => {
             return Err(BusError::Config(format!(
-                "BUS={other:?} keeps no log to replay (kafka and nats do)"
+                "BUS={other:?} keeps no log to replay here (kafka and nats do; redis-streams: replay_redis_streams)"
             )));
         }
     }
@@ -309,4 +316,108 @@ async fn replay_nats(args: &ReplayArgs) -> Result<ReplayReport, BusError> {
             start,
         }),
     })
+}
+
+/// What a Redis Streams replay changed: stream key → (old last-delivered id
+/// of the group, new one). Entries after the new id are delivered again.
+#[derive(Debug, Clone, Default)]
+pub struct StreamsReplayReport {
+    pub streams: Vec<(String, Option<String>, String)>,
+}
+
+impl std::fmt::Display for StreamsReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (key, old, new) in &self.streams {
+            let old = old.as_deref().unwrap_or("none");
+            writeln!(f, "stream {key}: {old} -> {new}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Rewinds Redis Streams consumer group `group` on every shard with `XGROUP
+/// SETID`. `--from-beginning` re-reads every retained entry,
+/// `--from-time` every entry at or after that time (ids are milliseconds),
+/// `--from-offset 0:1700000000000-0,3:…` every entry *after* the given id of
+/// the given shard. Refused while a consumer of the group was active within
+/// `REDIS_STREAMS_CLAIM_IDLE_MS` (a running worker would keep reading from
+/// its own position); entries still pending for dead consumers stay pending
+/// and are claimed (and reprocessed) by the restarted workers.
+pub async fn replay_redis_streams(
+    group: &str,
+    from: &ReplayFrom,
+    redis: &RedisConfig,
+    cfg: &RedisStreamsConfig,
+) -> Result<StreamsReplayReport, BusError> {
+    if from.from_sequence.is_some() {
+        return Err(BusError::Config(
+            "--from-sequence is for NATS; on Redis Streams use --from-offset shard:id".into(),
+        ));
+    }
+    let t = Duration::from_millis(redis.redis_command_timeout_ms);
+    let mut conn = redis_streams::admin_connection(redis).await?;
+    let keys = redis_streams::stream_keys(cfg);
+    let mut old = Vec::with_capacity(keys.len());
+    for key in &keys {
+        let g = redis_streams::group_on_shard(&mut conn, key, group, t).await?;
+        if let Some(g) = &g
+            && let Some((name, _, idle)) = g
+                .consumers
+                .iter()
+                .find(|(_, _, idle)| (*idle as u64) < cfg.redis_streams_claim_idle_ms)
+        {
+            return Err(BusError::Rejected(format!(
+                "consumer group {group} is active (consumer {name} on {key} was seen {idle} ms ago): stop the workers of this group first, then replay"
+            )));
+        }
+        old.push(g.map(|g| g.last_delivered));
+    }
+    if old.iter().all(Option::is_none) {
+        return Err(BusError::Config(format!(
+            "consumer group {group} does not exist on the streams {}stream:* (REDIS_STREAMS_PREFIX)",
+            cfg.redis_streams_prefix
+        )));
+    }
+    let mut target: Vec<(usize, String)> = Vec::new();
+    if from.from_beginning {
+        target = (0..keys.len()).map(|i| (i, "0".to_string())).collect();
+    } else if let Some(list) = &from.from_offset {
+        for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+            let (s, id) = item.trim().split_once(':').ok_or_else(|| {
+                BusError::Config(format!("bad --from-offset item {item:?}: want shard:id"))
+            })?;
+            let s: usize = s
+                .parse()
+                .map_err(|_| BusError::Config(format!("bad shard in {item:?}")))?;
+            if s >= keys.len() {
+                return Err(BusError::Config(format!("shard {s} does not exist")));
+            }
+            target.push((s, id.to_string()));
+        }
+    } else if let Some(ts) = &from.from_time {
+        let at = chrono::DateTime::parse_from_rfc3339(ts)
+            .map_err(|e| BusError::Config(format!("--from-time: {e}")))?
+            .timestamp_millis();
+        // The largest id before `at-0`: entries at or after `at` come again.
+        let id = if at <= 0 {
+            "0".to_string()
+        } else {
+            format!("{}-{}", at - 1, u64::MAX)
+        };
+        target = (0..keys.len()).map(|i| (i, id.clone())).collect();
+    }
+    let mut report = StreamsReplayReport::default();
+    for (i, id) in target {
+        let key = &keys[i];
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("SETID").arg(key).arg(group).arg(&id);
+        tokio::time::timeout(t, cmd.query_async::<()>(&mut conn))
+            .await
+            .map_err(|_| redis_streams::unavailable("XGROUP SETID timed out"))?
+            .map_err(|e| BusError::Rejected(format!("XGROUP SETID {key} {group} {id}: {e}")))?;
+        report
+            .streams
+            .push((key.clone(), old.get(i).cloned().flatten(), id));
+    }
+    Ok(report)
 }

@@ -136,6 +136,8 @@ async fn persistence_gap_and_replay_rebuild_the_db_exactly() {
         bus: BusKind::Kafka,
         kafka: kafka(&topic),
         nats: Default::default(),
+        redis: Default::default(),
+        redis_streams: Default::default(),
     };
     // The crashed member lingers until its session times out; an operator
     // waits for the group to be empty, and so do we.

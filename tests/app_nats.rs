@@ -209,6 +209,8 @@ async fn replay_rebuilds_the_db_on_nats() {
         bus: BusKind::Nats,
         kafka: Default::default(),
         nats: nats.clone(),
+        redis: Default::default(),
+        redis_streams: Default::default(),
     };
     let beginning = ReplayFrom {
         from_beginning: true,

@@ -99,6 +99,8 @@ async fn replay_rewinds_a_stopped_group() {
         bus: chat_relay::bus::BusKind::Kafka,
         kafka: k.clone(),
         nats: Default::default(),
+        redis: Default::default(),
+        redis_streams: Default::default(),
     };
     let beginning = ReplayFrom {
         from_beginning: true,

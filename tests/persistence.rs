@@ -84,12 +84,17 @@ impl TableLock {
 /// worker takes over. Every message ends up stored exactly once, in order:
 /// unacked deliveries come back and the insert is idempotent.
 async fn crash_restart_without_duplicates(db: &str) {
-    let bus = Arc::new(MemoryBus::new(Default::default()));
+    let bus: Arc<dyn MessageBus> = Arc::new(MemoryBus::new(Default::default()));
+    crash_restart_without_duplicates_on(bus, db).await;
+}
+
+/// [`crash_restart_without_duplicates`] on any bus that reports consumer lag.
+async fn crash_restart_without_duplicates_on(bus: Arc<dyn MessageBus>, db: &str) {
     let store = Store::connect(db).await.expect("db");
     let mut cfg = Config::from_env().expect("cfg").persist;
     cfg.batch_size = 50;
     cfg.batch_wait_ms = 30;
-    let spawn = |bus: Arc<MemoryBus>, store: Store, cfg| {
+    let spawn = |bus: Arc<dyn MessageBus>, store: Store, cfg| {
         let token = CancellationToken::new();
         let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(chat_relay::workers::persist::run(
@@ -126,9 +131,9 @@ async fn crash_restart_without_duplicates(db: &str) {
         publish(bus.as_ref(), m).await;
     }
     // The worker takes deliveries off the queue but cannot write them.
-    let lag = |bus: Arc<MemoryBus>| async move {
+    let lag = |bus: Arc<dyn MessageBus>| async move {
         bus.consumer_lag()
-            .expect("memory reports lag")
+            .expect("the bus reports lag")
             .lag(&cfg_group())
             .await
             .unwrap_or(i64::MAX)
@@ -197,6 +202,16 @@ async fn crash_restart_without_duplicates_sqlite() {
 #[tokio::test]
 async fn crash_restart_without_duplicates_postgres() {
     crash_restart_without_duplicates(&pg_db().await).await;
+}
+
+/// On Redis Streams: the aborted worker's deliveries stay in the group's
+/// pending-entries list and the new worker claims them (`XAUTOCLAIM` after
+/// `REDIS_STREAMS_CLAIM_IDLE_MS`).
+#[tokio::test]
+async fn crash_restart_without_duplicates_redis_streams() {
+    let bus = common::redis_streams::CleanBus::fresh("crash").await;
+    let bus: Arc<dyn MessageBus> = Arc::new(bus);
+    crash_restart_without_duplicates_on(bus, &pg_db().await).await;
 }
 
 /// The bulk insert counts only new rows: a batch that repeats an id inside

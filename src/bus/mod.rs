@@ -11,7 +11,9 @@
 //! * A [`Delivery`] carries an ack. Acknowledge only after the side effect (the DB
 //!   commit) has happened. Dropping a delivery without acking it is a *nack*: the
 //!   backends that can redeliver will (memory, RabbitMQ, NATS); Kafka re-reads from the
-//!   last committed offset after a restart or rebalance; Redis loses it.
+//!   last committed offset after a restart or rebalance; Redis Streams hands
+//!   it to another group member once it has been pending long enough; Redis
+//!   Pub/Sub loses it.
 //!
 //! # Guarantees per backend
 //! | backend | publish returns when | delivery | redelivery | order per room | kept while no consumer |
@@ -21,6 +23,7 @@
 //! | kafka | broker acked (acks=all) | at-least-once | from last committed offset | per partition (room key) | yes (retention) |
 //! | rabbitmq | broker confirmed | at-least-once | on nack / channel loss | per queue, single consumer | yes (durable queues) |
 //! | nats | JetStream ack (stored) | workers at-least-once; live at-most-once (core subscriptions) | on nack / drop at once, after `ack_wait` when a worker died | per consumer (stream order), live per publisher connection | yes (stream retention, durable consumers) |
+//! | redis-streams | Redis appended the entry in memory (XADD; durable only as far as the server's AOF fsync) | at-least-once | unacked entries claimed after an idle time (XAUTOCLAIM) | per shard stream (room hash), per consumer | yes (until trimmed by MAXLEN/MINID) |
 
 pub mod kafka;
 pub mod memory;
@@ -28,6 +31,7 @@ pub mod nats;
 pub mod rabbitmq;
 pub mod reconnect;
 pub mod redis;
+pub mod redis_streams;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -162,7 +166,8 @@ pub struct Delivery {
     pub payload: Bytes,
     /// The backend knows this message was delivered before (RabbitMQ's
     /// `redelivered` flag, memory's requeue, a JetStream delivery count
-    /// above 1); Kafka and Redis cannot tell.
+    /// above 1, a Redis Streams entry taken over with XAUTOCLAIM); Kafka and
+    /// Redis Pub/Sub cannot tell.
     pub redelivered: bool,
     acker: Option<Box<dyn Acker>>,
 }
@@ -303,7 +308,7 @@ impl RoomInterest for LocalRooms {
 /// The bus every role talks to.
 #[async_trait]
 pub trait MessageBus: Send + Sync + 'static {
-    /// Short backend name: `memory`, `redis`, `kafka`, `rabbitmq`, `nats`.
+    /// Short backend name: `memory`, `redis`, `kafka`, `rabbitmq`, `nats`, `redis-streams`.
     fn backend(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;
@@ -393,6 +398,9 @@ pub enum BusKind {
     Kafka,
     Rabbitmq,
     Nats,
+    #[value(name = "redis-streams")]
+    #[serde(rename = "redis-streams")]
+    RedisStreams,
 }
 
 /// Bus selection and per-backend settings (flattened into the server's
@@ -412,6 +420,7 @@ pub struct BusConfig {
     pub rabbitmq: rabbitmq::RabbitConfig,
     #[command(flatten)]
     pub nats: nats::NatsConfig,
+    pub redis_streams: redis_streams::RedisStreamsConfig,
 }
 
 /// Connects the configured backend.
@@ -422,5 +431,9 @@ pub async fn connect(cfg: &BusConfig) -> Result<Arc<dyn MessageBus>, BusError> {
         BusKind::Kafka => Arc::new(kafka::KafkaBus::connect(cfg.kafka.clone()).await?),
         BusKind::Rabbitmq => Arc::new(rabbitmq::RabbitBus::connect(cfg.rabbitmq.clone()).await?),
         BusKind::Nats => Arc::new(nats::NatsBus::connect(cfg.nats.clone()).await?),
+        BusKind::RedisStreams => Arc::new(
+            redis_streams::RedisStreamsBus::connect(cfg.redis.clone(), cfg.redis_streams.clone())
+                .await?,
+        ),
     })
 }

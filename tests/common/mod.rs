@@ -7,6 +7,7 @@ pub mod multi;
 pub mod nats;
 pub mod rabbit;
 pub mod redis_server;
+pub mod redis_streams;
 pub mod tansu_server;
 
 /// `fetch.wait.max.ms` for the Kafka tests. The product default (500 ms) is

@@ -9,6 +9,8 @@ use tokio::process::{Child, Command};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Persistence arguments (default: none, like the shared Redis).
+    persistence: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -20,9 +22,16 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(&["--save", "", "--appendonly", "no"]).await
+    }
+
+    /// Starts with these persistence arguments instead, e.g. an AOF with
+    /// `--appendfsync always` in a temp `--dir`; restarts reuse them.
+    pub async fn start_with(persistence: &[&str]) -> RedisServer {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
+            persistence: persistence.iter().map(|a| a.to_string()).collect(),
         };
         s.restart().await;
         s
@@ -34,16 +43,8 @@ impl RedisServer {
 
     pub async fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&self.persistence)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
