@@ -420,6 +420,7 @@ pub struct BusConfig {
     pub rabbitmq: rabbitmq::RabbitConfig,
     #[command(flatten)]
     pub nats: nats::NatsConfig,
+    #[command(flatten)]
     pub redis_streams: redis_streams::RedisStreamsConfig,
 }
 
