@@ -8,11 +8,12 @@ cd "$(dirname "$0")/.."
 out=${1:-loadtest/results/final-$(date +%Y%m%d%H%M%S)}
 mkdir -p "$out"
 echo "== full comparison"; python3 loadtest/compare.py --profile full --generator loadgen --out "$out/compare" 2>&1 | tee "$out/compare.log"
+echo "== faults (the two newest backends)"; python3 loadtest/faults.py --backends redis-streams,nats --run-s 12 2>&1 | tee "$out/faults.log"
 for g in 1 4; do
   echo "== scaling: $g gateway(s)"
   python3 loadtest/compare.py --profile full --generator loadgen --backends redis,redis-streams,kafka,rabbitmq,nats \
-    --gateways $g --no-fault --no-ceiling --seconds 20 --out "$out/scaling-g$g" 2>&1 | tee "$out/scaling-g$g.log"
+    --gateways $g --no-fault --no-ceiling --seconds 15 --out "$out/scaling-g$g" 2>&1 | tee "$out/scaling-g$g.log"
 done
 echo "== floor"; python3 loadtest/perf.py --server both --backend memory --rooms 20 --subs 25 --publishers 20 --rate 100,400 --seconds 10 --runs 3 2>&1 | tee "$out/floor.log"
-echo "== peers"; python3 loadtest/peers.py --seconds 15 2>&1 | tee "$out/peers.log"
+echo "== peers"; python3 loadtest/peers.py --seconds 10 2>&1 | tee "$out/peers.log"
 echo "results: $out"
