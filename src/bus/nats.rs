@@ -143,7 +143,7 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> BusError {
 
 /// The `Nats-Msg-Id` of a payload: `<room>/<id>` for chat messages (their id
 /// is what a retry repeats), none for other events.
-fn msg_id(payload: &[u8]) -> Option<String> {
+pub fn msg_id(payload: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Head<'a> {
         #[serde(rename = "type", borrow)]
@@ -206,14 +206,14 @@ pub(crate) async fn connect_client(
 }
 
 /// The JetStream context with the configured API timeout.
-pub(crate) fn context(cfg: &NatsConfig, client: async_nats::Client) -> jetstream::Context {
+pub fn context(cfg: &NatsConfig, client: async_nats::Client) -> jetstream::Context {
     jetstream::ContextBuilder::new()
         .timeout(Duration::from_millis(cfg.nats_publish_timeout_ms))
         .build(client)
 }
 
 /// The configuration of a shared group's durable pull consumer.
-pub(crate) fn consumer_config(
+pub fn consumer_config(
     cfg: &NatsConfig,
     name: &str,
     deliver_policy: consumer::DeliverPolicy,

@@ -118,9 +118,10 @@ pub(crate) fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("redis-streams: {e}"))
 }
 
-/// The fields of one entry.
-const ROOM_FIELD: &str = "room";
-const PAYLOAD_FIELD: &str = "payload";
+/// The fields of one entry (public for `brokerbench e2e`, which writes and
+/// reads the same entries without this bus).
+pub const ROOM_FIELD: &str = "room";
+pub const PAYLOAD_FIELD: &str = "payload";
 
 /// One stream entry as read: its id and, when it is one of ours, room and payload.
 struct Entry {

@@ -2,7 +2,8 @@
 //! the broker's own ceiling for the work the comparison asks of it.
 //!
 //! Reproduced, per backend, with the raw client libraries and the relay's own
-//! settings structs (`KafkaConfig`, `RabbitConfig`, `RedisConfig`: same
+//! settings structs (`KafkaConfig`, `RabbitConfig`, `RedisConfig`,
+//! `RedisStreamsConfig`, `NatsConfig`: same
 //! defaults, same environment variables, so `KAFKA_FETCH_WAIT_MAX_MS=5`
 //! applies to both) but none of the relay's bus code:
 //! * `--instances` relay instances, each with its own producer (connection)
@@ -23,8 +24,10 @@
 //! drain; duplicates and reordering per publisher as loadgen counts them.
 
 mod kafka;
+mod nats;
 mod rabbitmq;
 mod redis;
+mod redis_streams;
 mod stats;
 
 use std::collections::HashSet;
@@ -36,8 +39,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chat_relay::bus::kafka::KafkaConfig;
+use chat_relay::bus::nats::NatsConfig;
 use chat_relay::bus::rabbitmq::RabbitConfig;
 use chat_relay::bus::redis::RedisConfig;
+use chat_relay::bus::redis_streams::RedisStreamsConfig;
 use chat_relay::protocol::RoomId;
 use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
@@ -54,6 +59,8 @@ pub enum BackendKind {
     Kafka,
     Rabbitmq,
     Redis,
+    RedisStreams,
+    Nats,
 }
 
 impl BackendKind {
@@ -62,14 +69,16 @@ impl BackendKind {
             BackendKind::Kafka => "kafka",
             BackendKind::Rabbitmq => "rabbitmq",
             BackendKind::Redis => "redis",
+            BackendKind::RedisStreams => "redis-streams",
+            BackendKind::Nats => "nats",
         }
     }
 }
 
 /// Flags of `brokerbench e2e`. The broker settings are the relay's own
 /// (flattened: same flags, same environment variables, same defaults); only
-/// the topic, exchange, queue prefix and group names are replaced by unique
-/// per-run names.
+/// the topic, exchange, queue prefix, stream, subject, key prefix and group
+/// names are replaced by unique per-run names.
 #[derive(clap::Args)]
 pub struct E2eArgs {
     #[arg(long, value_enum)]
@@ -118,6 +127,10 @@ pub struct E2eArgs {
     rabbit: RabbitConfig,
     #[command(flatten)]
     redis: RedisConfig,
+    #[command(flatten)]
+    redis_streams: RedisStreamsConfig,
+    #[command(flatten)]
+    nats: NatsConfig,
 }
 
 /// Resolves once the broker confirmed one publish (or it failed).
@@ -147,6 +160,9 @@ enum Broker {
     Kafka(kafka::Kafka),
     Rabbit(rabbitmq::Rabbit),
     Redis(redis::Redis),
+    RedisStreams(redis_streams::RedisStreams),
+    /// Boxed: the JetStream context makes it several times the others' size.
+    Nats(Box<nats::Nats>),
 }
 
 impl Broker {
@@ -157,6 +173,13 @@ impl Broker {
                 Broker::Rabbit(rabbitmq::Rabbit::setup(a.rabbit.clone(), run).await?)
             }
             BackendKind::Redis => Broker::Redis(redis::Redis::setup(a.redis.clone(), run)?),
+            BackendKind::RedisStreams => Broker::RedisStreams(
+                redis_streams::RedisStreams::setup(a.redis.clone(), a.redis_streams.clone(), run)
+                    .await?,
+            ),
+            BackendKind::Nats => {
+                Broker::Nats(Box::new(nats::Nats::setup(a.nats.clone(), run).await?))
+            }
         })
     }
 
@@ -165,6 +188,8 @@ impl Broker {
             Broker::Kafka(b) => Arc::new(b.producer()?),
             Broker::Rabbit(b) => Arc::new(b.producer(instance).await?),
             Broker::Redis(b) => Arc::new(b.producer().await?),
+            Broker::RedisStreams(b) => Arc::new(b.producer().await?),
+            Broker::Nats(b) => Arc::new(b.producer(instance).await?),
         })
     }
 
@@ -179,6 +204,8 @@ impl Broker {
             Broker::Kafka(b) => b.live(instance, rooms, stats, stop).await,
             Broker::Rabbit(b) => b.live(instance, rooms, stats, stop).await,
             Broker::Redis(b) => b.live(rooms, stats, stop).await,
+            Broker::RedisStreams(b) => b.live(instance, rooms, stats, stop).await,
+            Broker::Nats(b) => b.live(instance, rooms, stats, stop).await,
         }
     }
 
@@ -192,6 +219,10 @@ impl Broker {
             Broker::Kafka(b) => b.worker(group, tag, stop).await,
             Broker::Rabbit(b) => Ok(vec![b.worker(group, WorkerStats::new(tag), stop).await?]),
             Broker::Redis(b) => Ok(vec![b.worker(WorkerStats::new(tag), stop).await?]),
+            Broker::RedisStreams(b) => {
+                Ok(vec![b.worker(group, WorkerStats::new(tag), stop).await?])
+            }
+            Broker::Nats(b) => Ok(vec![b.worker(group, WorkerStats::new(tag), stop).await?]),
         }
     }
 
@@ -200,6 +231,8 @@ impl Broker {
             Broker::Kafka(b) => b.teardown().await,
             Broker::Rabbit(b) => b.teardown().await,
             Broker::Redis(_) => {} // channels leave nothing behind
+            Broker::RedisStreams(b) => b.teardown().await,
+            Broker::Nats(b) => b.teardown().await,
         }
     }
 
@@ -209,6 +242,8 @@ impl Broker {
             Broker::Kafka(b) => b.settings(),
             Broker::Rabbit(b) => b.settings(),
             Broker::Redis(b) => b.settings(),
+            Broker::RedisStreams(b) => b.settings(),
+            Broker::Nats(b) => b.settings(),
         }
     }
 }
@@ -595,4 +630,19 @@ async fn drive(
         "bench_cpu_pct": (cpu_pct * 10.0).round() / 10.0,
         "settings": broker.settings(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    /// `compare.py` passes the relay's `BUS` names as `--backend`.
+    #[test]
+    fn backend_names_are_the_relays_bus_names() {
+        for name in ["kafka", "rabbitmq", "redis", "redis-streams", "nats"] {
+            let kind = BackendKind::from_str(name, false).expect(name);
+            assert_eq!(kind.name(), name);
+        }
+    }
 }
