@@ -171,6 +171,7 @@ impl Application {
             lag_groups: [cfg.persist.group.clone(), cfg.analytics.group.clone()].into(),
             serve_gateway: cfg.has_role(Role::Gateway),
             static_dir: cfg.static_dir.clone(),
+            stomp: cfg.stomp.clone(),
         };
         Ok(Application {
             listener,

@@ -64,6 +64,9 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
 
     #[command(flatten)]
+    pub stomp: StompConfig,
+
+    #[command(flatten)]
     pub presence: PresenceConfig,
 
     #[command(flatten)]
@@ -121,6 +124,30 @@ impl Limits {
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
+}
+
+/// The STOMP 1.2 endpoint (the gateway role), beside `/ws`.
+#[derive(Debug, Clone, Args)]
+pub struct StompConfig {
+    /// Path of the STOMP-over-WebSocket endpoint (subprotocols `v12.stomp`,
+    /// `v11.stomp`); empty turns it off.
+    #[arg(long, env = "STOMP_PATH", default_value = "/stomp")]
+    pub stomp_path: String,
+    /// Heart-beat the server offers to send, and wants to receive, in ms
+    /// (the `heart-beat` header of `CONNECTED`: Spring's default 30000,30000).
+    /// 0 turns heart-beating off on the server's side.
+    #[arg(long, env = "STOMP_HEARTBEAT_MS", default_value_t = 30_000)]
+    pub stomp_heartbeat_ms: u64,
+    /// How long a new socket may take to send `CONNECT` before it is closed (ms).
+    #[arg(long, env = "STOMP_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub stomp_connect_timeout_ms: u64,
+    /// Headers one STOMP frame may carry (an `ERROR` above).
+    #[arg(long, env = "STOMP_MAX_HEADERS", default_value_t = 32)]
+    pub stomp_max_headers: usize,
+    /// Longest header line (or command line) in bytes (an `ERROR` above). The
+    /// whole frame is bounded by `MAX_FRAME_BYTES`.
+    #[arg(long, env = "STOMP_MAX_HEADER_BYTES", default_value_t = 1024)]
+    pub stomp_max_header_bytes: usize,
 }
 
 /// Cluster presence (the gateway role): heartbeats of each instance and

@@ -17,7 +17,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::{self, Authenticator, ConnCounter, Identity, RoomPolicy};
 use crate::bus::MessageBus;
-use crate::gateway::{Gateway, conn};
+use crate::gateway::{Gateway, conn, stomp};
 use crate::protocol::{ErrorCode, RoomId, valid_user};
 use crate::store::Store;
 
@@ -38,6 +38,8 @@ pub struct HttpState {
     pub serve_gateway: bool,
     /// Directory served at `/` instead of the embedded client (development).
     pub static_dir: Option<String>,
+    /// The STOMP endpoint's settings (`STOMP_PATH`, heart-beats, limits).
+    pub stomp: crate::config::StompConfig,
 }
 
 impl HttpState {
@@ -95,6 +97,9 @@ pub fn router(state: HttpState) -> Router {
             get(history).post(post_message),
         );
     if state.serve_gateway {
+        if !state.stomp.stomp_path.is_empty() {
+            r = r.route(&state.stomp.stomp_path, get(stomp));
+        }
         r = r
             .route("/ws", get(ws))
             .merge(crate::assets::client_service(state.static_dir.as_deref()));
@@ -194,6 +199,62 @@ async fn ws(
         .write_buffer_size(2 * 1024)
         .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
         .on_upgrade(move |socket| conn::serve(socket, user, state.gateway, slot))
+}
+
+/// The STOMP endpoint's upgrade: the same refusals as `/ws` (origin, per-IP
+/// slots, shutdown) as HTTP statuses; who the caller is is settled by the
+/// `CONNECT` frame (or `?token=`/`?user=`/`Authorization` here, for clients
+/// that cannot set STOMP headers).
+async fn stomp(
+    State(state): State<HttpState>,
+    Query(p): Query<WsParams>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if state.gateway.shutdown.is_cancelled() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "server is shutting down",
+        );
+    }
+    if !auth::origin_allowed(&state.allowed_origins, &headers) {
+        metrics::counter!("ws_rejected_total", "reason" => "origin").increment(1);
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::ForbiddenOrigin,
+            "this origin may not open a WebSocket here (see ALLOWED_ORIGINS)",
+        );
+    }
+    let limits = state.gateway.limits.clone();
+    let Some(slot) = state
+        .conns_per_ip
+        .try_acquire(peer.ip(), limits.max_conns_per_ip)
+    else {
+        metrics::counter!("ws_rejected_total", "reason" => "conns_per_ip").increment(1);
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyConnections,
+            &format!(
+                "at most {} connections per IP address",
+                limits.max_conns_per_ip
+            ),
+        );
+    };
+    let up = stomp::session::Upgrade {
+        token: auth::token_from(&headers, p.token.as_deref()).map(str::to_string),
+        user: p.user,
+    };
+    let (gw, auth, cfg) = (state.gateway, state.auth, state.stomp);
+    upgrade
+        .protocols(stomp::session::SUBPROTOCOLS)
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .read_buffer_size(1024)
+        .write_buffer_size(2 * 1024)
+        .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
+        .on_upgrade(move |socket| stomp::session::serve(socket, up, gw, auth, cfg, slot))
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {

@@ -17,13 +17,17 @@ use super::recovery::{self, Cursor, Recovery};
 use super::rooms::{ConnId, EnterError, Frame};
 use super::{Gateway, SendError};
 use crate::auth::{ConnSlot, RoomPolicy};
-use crate::bus::Priority;
 use crate::protocol::{
-    BusEvent, ClientFrame, ErrorCode, PresenceEvent, RoomId, ServerFrame, decode_client_frame,
+    ClientFrame, ErrorCode, PresenceEvent, RoomId, ServerFrame, decode_client_frame,
     error_frame,
 };
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// A connection id unique in this process, whatever the protocol (`/ws` or STOMP).
+pub(crate) fn next_conn_id() -> ConnId {
+    NEXT_CONN.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Close codes (RFC 6455 and IANA registry).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -72,18 +76,6 @@ impl Conn {
     fn error(&self, code: ErrorCode, message: &str, cid: Option<&str>) {
         metrics::counter!("ws_client_errors_total", "code" => code.as_str()).increment(1);
         self.push(text(error_frame(code, message, cid)));
-    }
-
-    async fn publish_presence(&self, room: &RoomId, event: PresenceEvent) {
-        let ev = BusEvent::Presence {
-            room: room.clone(),
-            user: self.user.to_string(),
-            event,
-            instance: Some(self.gw.instance.clone()),
-        };
-        if let Err(e) = self.gw.publish(&ev, Priority::System).await {
-            tracing::debug!(error = %e, "presence not published");
-        }
     }
 
     async fn join(&mut self, room: RoomId, since: Cursor) {
@@ -154,14 +146,7 @@ impl Conn {
         if let Some(h) = &head {
             self.gw.rooms.advance(&room, h.seq);
         }
-        // Written before the bus `presence` event goes out, so whoever hears
-        // it finds the row; then every live instance's members of the room.
-        self.gw.presence_write(&room, &self.user, 1).await;
-        if let Ok(alive) = self.gw.store.presence_alive(self.gw.alive_since()).await {
-            let alive = alive.into_iter().collect();
-            self.gw.presence_refresh(&room, &alive).await;
-        }
-        let members = self.gw.rooms.members(&room);
+        let members = self.gw.presence_entered(&room, &self.user).await;
         self.push(text(
             ServerFrame::Joined {
                 room: &room,
@@ -180,14 +165,12 @@ impl Conn {
             self.push(f);
         }
         self.gw.rooms.release(&room, self.id, &sent);
-        self.publish_presence(&room, PresenceEvent::Join).await;
+        self.gw.announce(&room, &self.user, PresenceEvent::Join).await;
     }
 
     async fn leave_inner(&mut self, room: &RoomId) {
         if self.joined.remove(room).is_some() {
-            self.gw.rooms.remove(room, self.id).await;
-            self.gw.presence_write(room, &self.user, -1).await;
-            self.publish_presence(room, PresenceEvent::Leave).await;
+            self.gw.presence_left(room, self.id, &self.user).await;
         }
     }
 
@@ -260,7 +243,7 @@ type Answer = futures::future::BoxFuture<'static, (Option<String>, Result<String
 /// stops reading until the oldest is answered (TCP back-pressure on the
 /// client), so a client cannot grow the server's memory by sending faster
 /// than the broker confirms.
-const MAX_SENDS_IN_FLIGHT: usize = 64;
+pub(crate) const MAX_SENDS_IN_FLIGHT: usize = 64;
 
 /// Resolves when the token expiring at `exp` (unix seconds) expires; never
 /// without one.
@@ -371,7 +354,7 @@ pub async fn serve(
     });
 
     let mut conn = Conn {
-        id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+        id: next_conn_id(),
         user: Arc::from(user.as_str()),
         tx,
         kick: kick.clone(),

@@ -13,6 +13,8 @@
 //!   complete; catch-up after this instance's own live stream was interrupted.
 //! * [`sequencer`] — room positions (`seq`) for sends, one commit per burst.
 //! * [`presence`] — cluster-wide members, heartbeats and expiry of dead instances.
+//! * [`stomp`] — the STOMP 1.2 endpoint: the same rooms, sends and presence
+//!   as [`conn`], in Spring's framing and destinations.
 //!
 //! [`Gateway`] is the wing's context: the handful of things a connection needs
 //! (bus, rooms, store, ids, limits, instance, shutdown), nothing of HTTP or of
@@ -24,6 +26,7 @@ pub mod presence;
 pub mod recovery;
 pub mod rooms;
 pub mod sequencer;
+pub mod stomp;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;

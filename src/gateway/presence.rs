@@ -56,6 +56,43 @@ impl Gateway {
         }
     }
 
+    /// A connection of `user` entered `room` here (its frames still held):
+    /// writes the presence row, loads the members of live instances and
+    /// returns the room's members for the client's first answer. Shared by
+    /// `/ws` and STOMP connections, so both count the same way.
+    pub(crate) async fn presence_entered(&self, room: &RoomId, user: &str) -> Vec<String> {
+        // Written before the bus `presence` event goes out, so whoever hears
+        // it finds the row; then every live instance's members of the room.
+        self.presence_write(room, user, 1).await;
+        if let Ok(alive) = self.store.presence_alive(self.alive_since()).await {
+            let alive = alive.into_iter().collect();
+            self.presence_refresh(room, &alive).await;
+        }
+        self.rooms.members(room)
+    }
+
+    /// Tells every instance (and so every client in the room) that `user`
+    /// joined or left `room`.
+    pub(crate) async fn announce(&self, room: &RoomId, user: &str, event: PresenceEvent) {
+        let ev = BusEvent::Presence {
+            room: room.clone(),
+            user: user.to_string(),
+            event,
+            instance: Some(self.instance.clone()),
+        };
+        if let Err(e) = self.publish(&ev, crate::bus::Priority::System).await {
+            tracing::debug!(error = %e, "presence not published");
+        }
+    }
+
+    /// Connection `conn` of `user` left `room` here: out of the registry, the
+    /// presence row, and the `leave` to everyone.
+    pub(crate) async fn presence_left(&self, room: &RoomId, conn: super::rooms::ConnId, user: &str) {
+        self.rooms.remove(room, conn).await;
+        self.presence_write(room, user, -1).await;
+        self.announce(room, user, PresenceEvent::Leave).await;
+    }
+
     /// Loads `room`'s members on live instances into the registry (before
     /// `joined` lists them) and tells the room's sockets here about every
     /// member who left with a dead instance. `false`: the store is down.
