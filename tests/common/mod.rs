@@ -8,6 +8,7 @@ pub mod nats;
 pub mod rabbit;
 pub mod redis_server;
 pub mod redis_streams;
+pub mod stomp;
 pub mod tansu_server;
 
 /// `fetch.wait.max.ms` for the Kafka tests. The product default (500 ms) is
