@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cases=${1:-250000}
 start=$(date +%s)
-PROPTEST_CASES=$cases cargo test --release --test fuzz_protocol -- --nocapture --test-threads 2 2>&1 \
+PROPTEST_CASES=$cases cargo test --release --test fuzz_protocol --test fuzz_stomp -- --nocapture --test-threads 2 2>&1 \
   | grep -E "proptest budget|test result|panicked|FAILED"
-echo "fuzz: $((5 * cases)) inputs in $(( $(date +%s) - start )) s, 0 panics (the run fails on the first one)"
+echo "fuzz: $((7 * cases)) inputs in $(( $(date +%s) - start )) s, 0 panics (the run fails on the first one)"

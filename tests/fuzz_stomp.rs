@@ -74,7 +74,9 @@ fn feed(bytes: &[u8], cuts: &[usize]) -> (Vec<Frame>, bool) {
 
 fn header() -> impl Strategy<Value = (String, String)> {
     ("[a-z][a-z\\-]{0,12}", "(?s).{0,40}")
-        .prop_filter("content-length is the encoder's", |(k, _)| k != "content-length")
+        .prop_filter("content-length is the encoder's", |(k, _)| {
+            k != "content-length"
+        })
 }
 
 fn client_frame() -> impl Strategy<Value = (Command, Vec<(String, String)>, String)> {

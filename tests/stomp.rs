@@ -87,7 +87,8 @@ async fn a_dungeontalk_client_connects_subscribes_sends_and_receives() {
     assert_eq!(f.header("destination"), Some("/sub/aichat/room/7"));
     assert_eq!(f.header("ack"), Some(id.as_str()));
     assert_eq!(v["content"], "roll for initiative");
-    s.frame("ACK", &[("id", &id), ("receipt", "acked")], "").await;
+    s.frame("ACK", &[("id", &id), ("receipt", "acked")], "")
+        .await;
     let r = s.recv_command(Command::Receipt).await;
     assert_eq!(r.header("receipt-id"), Some("acked"));
 
@@ -107,30 +108,53 @@ async fn stomp_and_native_clients_share_rooms_and_presence() {
     let mut bob = app.client("bob").await;
     let (joined, _) = bob.join("chat.lobby", None).await;
     assert!(
-        joined["members"].as_array().is_some_and(|m| m.contains(&json!("alice"))),
+        joined["members"]
+            .as_array()
+            .is_some_and(|m| m.contains(&json!("alice"))),
         "the native client sees the STOMP member: {joined}"
     );
     // Its own join comes first (as on /ws), then bob's.
     let (_, own) = s.recv_message().await;
-    assert_eq!((own["sender"].as_str(), own["event"].as_str()), (Some("alice"), Some("join")));
+    assert_eq!(
+        (own["sender"].as_str(), own["event"].as_str()),
+        (Some("alice"), Some("join"))
+    );
     let (_, p) = s.recv_message().await;
-    assert_eq!((p["type"].as_str(), p["event"].as_str()), (Some("system"), Some("join")));
+    assert_eq!(
+        (p["type"].as_str(), p["event"].as_str()),
+        (Some("system"), Some("join"))
+    );
     assert_eq!(p["sender"], "bob");
 
     bob.say("chat.lobby", "hello from ws").await;
     let (_, v) = s.recv_message().await;
-    assert_eq!((v["sender"].as_str(), v["content"].as_str()), (Some("bob"), Some("hello from ws")));
+    assert_eq!(
+        (v["sender"].as_str(), v["content"].as_str()),
+        (Some("bob"), Some("hello from ws"))
+    );
 
-    s.send("/pub/chat/message", "lobby", "hello from stomp").await;
+    s.send("/pub/chat/message", "lobby", "hello from stomp")
+        .await;
     let m = bob.recv_type("message").await;
-    let m = if m["user"] == "bob" { bob.recv_type("message").await } else { m };
-    assert_eq!((m["user"].as_str(), m["text"].as_str()), (Some("alice"), Some("hello from stomp")));
+    let m = if m["user"] == "bob" {
+        bob.recv_type("message").await
+    } else {
+        m
+    };
+    assert_eq!(
+        (m["user"].as_str(), m["text"].as_str()),
+        (Some("alice"), Some("hello from stomp"))
+    );
 
     // UNSUBSCRIBE leaves the room: the native client hears it.
-    s.frame("UNSUBSCRIBE", &[("id", "a"), ("receipt", "u")], "").await;
+    s.frame("UNSUBSCRIBE", &[("id", "a"), ("receipt", "u")], "")
+        .await;
     s.recv_command(Command::Receipt).await;
     let leave = bob.recv_type("presence").await;
-    assert_eq!((leave["user"].as_str(), leave["event"].as_str()), (Some("alice"), Some("leave")));
+    assert_eq!(
+        (leave["user"].as_str(), leave["event"].as_str()),
+        (Some("alice"), Some("leave"))
+    );
     bob.say("chat.lobby", "after").await;
     match s.next(Duration::from_millis(500)).await {
         Err(End::Timeout) => {}
@@ -177,47 +201,148 @@ async fn every_refusal_is_an_error_frame_then_close() {
     })
     .await;
     let cases: Vec<(Vec<String>, &str, &str)> = vec![
-        (vec!["SUBSCRIBE\nid:0\ndestination:/topic/x\nreceipt:r1\n\n\0".into()], "bad_room", "unknown destination"),
-        (vec!["SUBSCRIBE\ndestination:/sub/chat/room/1\n\n\0".into()], "missing_field", "id"),
-        (vec!["SUBSCRIBE\nid:0\ndestination:/sub/chat/room/1\nack:sometimes\n\n\0".into()], "bad_frame", "ack"),
-        (vec!["SEND\ndestination:/pub/nowhere\n\n{}\0".into()], "bad_room", "unknown destination"),
-        (vec!["SEND\ndestination:/pub/chat/message\n\nnot json\0".into()], "invalid_json", "JSON"),
-        (vec!["SEND\ndestination:/pub/chat/message\n\n{\"roomId\":\"a b\",\"content\":\"x\"}\0".into()], "bad_room", "roomId"),
-        (vec!["SEND\ndestination:/pub/chat/message\n\n{\"roomId\":\"1\",\"content\":\" \"}\0".into()], "empty_text", "empty"),
-        (vec![format!("SEND\ndestination:/pub/chat/message\n\n{{\"roomId\":\"1\",\"content\":\"{}\"}}\0", "x".repeat(65))], "text_too_long", "longer"),
-        (vec!["SEND\ndestination:/pub/chat/message\ntransaction:t1\n\n{}\0".into()], "bad_frame", "transactions"),
-        (vec!["BEGIN\ntransaction:t1\n\n\0".into()], "bad_frame", "transactions"),
+        (
+            vec!["SUBSCRIBE\nid:0\ndestination:/topic/x\nreceipt:r1\n\n\0".into()],
+            "bad_room",
+            "unknown destination",
+        ),
+        (
+            vec!["SUBSCRIBE\ndestination:/sub/chat/room/1\n\n\0".into()],
+            "missing_field",
+            "id",
+        ),
+        (
+            vec!["SUBSCRIBE\nid:0\ndestination:/sub/chat/room/1\nack:sometimes\n\n\0".into()],
+            "bad_frame",
+            "ack",
+        ),
+        (
+            vec!["SEND\ndestination:/pub/nowhere\n\n{}\0".into()],
+            "bad_room",
+            "unknown destination",
+        ),
+        (
+            vec!["SEND\ndestination:/pub/chat/message\n\nnot json\0".into()],
+            "invalid_json",
+            "JSON",
+        ),
+        (
+            vec![
+                "SEND\ndestination:/pub/chat/message\n\n{\"roomId\":\"a b\",\"content\":\"x\"}\0"
+                    .into(),
+            ],
+            "bad_room",
+            "roomId",
+        ),
+        (
+            vec![
+                "SEND\ndestination:/pub/chat/message\n\n{\"roomId\":\"1\",\"content\":\" \"}\0"
+                    .into(),
+            ],
+            "empty_text",
+            "empty",
+        ),
+        (
+            vec![format!(
+                "SEND\ndestination:/pub/chat/message\n\n{{\"roomId\":\"1\",\"content\":\"{}\"}}\0",
+                "x".repeat(65)
+            )],
+            "text_too_long",
+            "longer",
+        ),
+        (
+            vec!["SEND\ndestination:/pub/chat/message\ntransaction:t1\n\n{}\0".into()],
+            "bad_frame",
+            "transactions",
+        ),
+        (
+            vec!["BEGIN\ntransaction:t1\n\n\0".into()],
+            "bad_frame",
+            "transactions",
+        ),
         (vec!["HELLO\n\n\0".into()], "bad_frame", "unknown command"),
         (vec!["MESSAGE\n\n\0".into()], "bad_frame", "server frame"),
-        (vec!["CONNECT\naccept-version:1.2\n\n\0".into()], "bad_frame", "already connected"),
-        (vec!["UNSUBSCRIBE\nid:nope\n\n\0".into()], "not_joined", "no subscription"),
+        (
+            vec!["CONNECT\naccept-version:1.2\n\n\0".into()],
+            "bad_frame",
+            "already connected",
+        ),
+        (
+            vec!["UNSUBSCRIBE\nid:nope\n\n\0".into()],
+            "not_joined",
+            "no subscription",
+        ),
         (vec!["SEND\na:\\t\n\n\0".into()], "bad_frame", "escape"),
-        (vec![format!("SEND\n{}\n\0", (0..9).map(|i| format!("h{i}:v\n")).collect::<String>())], "bad_frame", "headers"),
-        (vec![format!("SEND\nh:{}\n\n\0", "x".repeat(200))], "bad_frame", "longer than 128"),
+        (
+            vec![format!(
+                "SEND\n{}\n\0",
+                (0..9).map(|i| format!("h{i}:v\n")).collect::<String>()
+            )],
+            "bad_frame",
+            "headers",
+        ),
+        (
+            vec![format!("SEND\nh:{}\n\n\0", "x".repeat(200))],
+            "bad_frame",
+            "longer than 128",
+        ),
         // One frame over MAX_FRAME_BYTES, in WebSocket messages under it.
-        (vec!["SEND\ndestination:/pub/chat/message\n\n".into(), "x".repeat(3000), "x".repeat(3000)], "bad_frame", "larger than 4096"),
+        (
+            vec![
+                "SEND\ndestination:/pub/chat/message\n\n".into(),
+                "x".repeat(3000),
+                "x".repeat(3000),
+            ],
+            "bad_frame",
+            "larger than 4096",
+        ),
     ];
     for (frames, code, words) in cases {
         let frames: Vec<&str> = frames.iter().map(String::as_str).collect();
         let e = refused(&app, &frames).await;
         assert_eq!(e.header("code"), Some(code), "{frames:?}: {e:?}");
         let msg = e.header("message").unwrap_or_default();
-        assert!(msg.contains(words), "{frames:?}: message {msg:?} lacks {words:?}");
+        assert!(
+            msg.contains(words),
+            "{frames:?}: message {msg:?} lacks {words:?}"
+        );
     }
     // A refused frame's receipt is named in the ERROR.
-    let e = refused(&app, &["SUBSCRIBE\nid:0\ndestination:/topic/x\nreceipt:r9\n\n\0"]).await;
+    let e = refused(
+        &app,
+        &["SUBSCRIBE\nid:0\ndestination:/topic/x\nreceipt:r9\n\n\0"],
+    )
+    .await;
     assert_eq!(e.header("receipt-id"), Some("r9"));
 
     // Before CONNECT, and an unsupported version.
     let mut s = Stomp::open(app.port, "/stomp").await;
-    s.frame("SEND", &[("destination", "/pub/chat/message")], "{}").await;
-    assert!(s.expect_error().await.header("message").unwrap_or_default().contains("CONNECT"));
+    s.frame("SEND", &[("destination", "/pub/chat/message")], "{}")
+        .await;
+    assert!(
+        s.expect_error()
+            .await
+            .header("message")
+            .unwrap_or_default()
+            .contains("CONNECT")
+    );
     let mut s = Stomp::open(app.port, "/stomp").await;
-    s.frame("CONNECT", &[("accept-version", "1.0"), ("login", "x")], "").await;
-    assert!(s.expect_error().await.header("message").unwrap_or_default().contains("1.2"));
+    s.frame("CONNECT", &[("accept-version", "1.0"), ("login", "x")], "")
+        .await;
+    assert!(
+        s.expect_error()
+            .await
+            .header("message")
+            .unwrap_or_default()
+            .contains("1.2")
+    );
     let mut s = Stomp::open(app.port, "/stomp").await;
     s.frame("CONNECT", &[("accept-version", "1.2")], "").await;
-    assert_eq!(s.expect_error().await.header("code"), Some("unauthorized"), "no login");
+    assert_eq!(
+        s.expect_error().await.header("code"),
+        Some("unauthorized"),
+        "no login"
+    );
 }
 
 #[tokio::test]
@@ -230,7 +355,8 @@ async fn rate_limit_is_an_error_too() {
     let (mut s, _) = Stomp::connect(app.port, "speedy", &[]).await;
     for i in 0..3 {
         let body = json!({"roomId": "r", "content": format!("m{i}")}).to_string();
-        s.frame("SEND", &[("destination", "/pub/chat/message")], &body).await;
+        s.frame("SEND", &[("destination", "/pub/chat/message")], &body)
+            .await;
     }
     let e = s.expect_error().await;
     assert_eq!(e.header("code"), Some("rate_limited"));
@@ -254,13 +380,20 @@ async fn heart_beats_are_sent_and_a_silent_client_is_closed() {
     // Silence: closed after max(100, 200) ms plus grace, with an ERROR.
     let t = std::time::Instant::now();
     let e = s.expect_error().await;
-    assert!(e.header("message").unwrap_or_default().contains("heart-beat"));
+    assert!(
+        e.header("message")
+            .unwrap_or_default()
+            .contains("heart-beat")
+    );
     assert!(t.elapsed() < Duration::from_secs(5));
 
     // heart-beat 0,0: nothing sent, nothing required.
     let (mut s, c) = Stomp::connect(app.port, "quiet", &[("heart-beat", "0,0")]).await;
     assert_eq!(c.header("heart-beat"), Some("200,200"));
-    assert_eq!(s.next(Duration::from_millis(700)).await.err(), Some(End::Timeout));
+    assert_eq!(
+        s.next(Duration::from_millis(700)).await.err(),
+        Some(End::Timeout)
+    );
     assert_eq!(s.heartbeats, 0);
 }
 
@@ -280,12 +413,16 @@ async fn disconnect_receipt_follows_every_earlier_send() {
     let (mut s, _) = Stomp::connect(app.port, "dora", &[]).await;
     for i in 0..5 {
         let body = json!({"roomId": "bye", "content": format!("m{i}")}).to_string();
-        s.frame("SEND", &[("destination", "/pub/chat/message")], &body).await;
+        s.frame("SEND", &[("destination", "/pub/chat/message")], &body)
+            .await;
     }
     s.frame("DISCONNECT", &[("receipt", "77")], "").await;
     let r = s.recv_command(Command::Receipt).await;
     assert_eq!(r.header("receipt-id"), Some("77"));
-    assert!(matches!(s.next(Duration::from_secs(5)).await, Err(End::Closed(_))));
+    assert!(matches!(
+        s.next(Duration::from_secs(5)).await,
+        Err(End::Closed(_))
+    ));
     let mut got = Vec::new();
     while got.len() < 5 {
         let m = bob.recv_type("message").await;
@@ -301,7 +438,10 @@ async fn with_auth_on_the_token_names_the_user_and_its_rooms() {
     let (mut s, f) = Stomp::connect(app.port, "alice", &[]).await;
     assert_eq!(f.command, Command::Error);
     assert_eq!(f.header("code"), Some("unauthorized"));
-    assert!(matches!(s.next(Duration::from_secs(5)).await, Err(End::Closed(_))));
+    assert!(matches!(
+        s.next(Duration::from_secs(5)).await,
+        Err(End::Closed(_))
+    ));
     // A bad token.
     let (_, f) = Stomp::connect(app.port, "alice", &[("passcode", "not-a-jwt")]).await;
     assert_eq!(f.header("code"), Some("unauthorized"));
@@ -316,12 +456,18 @@ async fn with_auth_on_the_token_names_the_user_and_its_rooms() {
     let (mut s, f) = Stomp::connect(app.port, "", &[("Authorization", &bearer)]).await;
     assert_eq!(f.header("user-name"), Some("erin"));
     s.subscribe("0", "/sub/chat/room/ok").await;
-    s.frame("SUBSCRIBE", &[("id", "1"), ("destination", "/sub/chat/room/other")], "").await;
+    s.frame(
+        "SUBSCRIBE",
+        &[("id", "1"), ("destination", "/sub/chat/room/other")],
+        "",
+    )
+    .await;
     assert_eq!(s.expect_error().await.header("code"), Some("forbidden"));
     // SEND into a room the token does not allow, without subscribing.
     let (mut s, _) = Stomp::connect(app.port, "", &[("passcode", &t)]).await;
     let body = json!({"roomId": "other", "content": "x"}).to_string();
-    s.frame("SEND", &[("destination", "/pub/chat/message")], &body).await;
+    s.frame("SEND", &[("destination", "/pub/chat/message")], &body)
+        .await;
     assert_eq!(s.expect_error().await.header("code"), Some("forbidden"));
     // ?token= on the upgrade, for clients that cannot set CONNECT headers.
     let mut s = Stomp::open(app.port, &format!("/stomp?token={t}")).await;

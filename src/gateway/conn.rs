@@ -18,8 +18,7 @@ use super::rooms::{ConnId, EnterError, Frame};
 use super::{Gateway, SendError};
 use crate::auth::{ConnSlot, RoomPolicy};
 use crate::protocol::{
-    ClientFrame, ErrorCode, PresenceEvent, RoomId, ServerFrame, decode_client_frame,
-    error_frame,
+    ClientFrame, ErrorCode, PresenceEvent, RoomId, ServerFrame, decode_client_frame, error_frame,
 };
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -165,7 +164,9 @@ impl Conn {
             self.push(f);
         }
         self.gw.rooms.release(&room, self.id, &sent);
-        self.gw.announce(&room, &self.user, PresenceEvent::Join).await;
+        self.gw
+            .announce(&room, &self.user, PresenceEvent::Join)
+            .await;
     }
 
     async fn leave_inner(&mut self, room: &RoomId) {

@@ -87,7 +87,12 @@ impl Gateway {
 
     /// Connection `conn` of `user` left `room` here: out of the registry, the
     /// presence row, and the `leave` to everyone.
-    pub(crate) async fn presence_left(&self, room: &RoomId, conn: super::rooms::ConnId, user: &str) {
+    pub(crate) async fn presence_left(
+        &self,
+        room: &RoomId,
+        conn: super::rooms::ConnId,
+        user: &str,
+    ) {
         self.rooms.remove(room, conn).await;
         self.presence_write(room, user, -1).await;
         self.announce(room, user, PresenceEvent::Leave).await;
@@ -134,7 +139,11 @@ impl Gateway {
 }
 
 /// The heartbeat and expiry loop of one gateway instance.
-pub async fn run(gw: Arc<Gateway>, live_ready: watch::Receiver<bool>, shutdown: CancellationToken) {
+pub async fn run(
+    gw: Arc<Gateway>,
+    mut live_ready: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
     let every = Duration::from_millis(gw.presence.presence_heartbeat_ms.max(100));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -142,6 +151,15 @@ pub async fn run(gw: Arc<Gateway>, live_ready: watch::Receiver<bool>, shutdown: 
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            // Beat as soon as live delivery is up, not a heartbeat later:
+            // until this instance's row exists, the members who join here
+            // are invisible to every other instance (the first tick fires
+            // at start-up, usually before the live subscription is ready).
+            Ok(()) = live_ready.changed() => {
+                if !*live_ready.borrow_and_update() {
+                    continue;
+                }
+            }
         }
         beat(&gw, &live_ready).await;
         expire(&gw).await;

@@ -97,7 +97,11 @@ impl Stomp {
         let receipt = format!("sub-{id}");
         self.frame(
             "SUBSCRIBE",
-            &[("id", id), ("destination", destination), ("receipt", &receipt)],
+            &[
+                ("id", id),
+                ("destination", destination),
+                ("receipt", &receipt),
+            ],
             "",
         )
         .await;

@@ -84,10 +84,7 @@ impl Command {
     /// `CONNECT`, `STOMP` and `CONNECTED` headers are not escaped (spec:
     /// "Value Encoding"), for compatibility with STOMP 1.0.
     fn escapes_headers(self) -> bool {
-        !matches!(
-            self,
-            Command::Connect | Command::Stomp | Command::Connected
-        )
+        !matches!(self, Command::Connect | Command::Stomp | Command::Connected)
     }
 }
 
@@ -370,8 +367,10 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].command, Command::Connect);
         assert_eq!(f[0].header("host"), Some("stomp.github.org"));
-        let f = all(b"SEND\r\ndestination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0\n\n")
-            .unwrap();
+        let f = all(
+            b"SEND\r\ndestination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0\n\n",
+        )
+        .unwrap();
         assert_eq!(f[0].body, b"hello queue a");
         assert_eq!(f[0].header("destination"), Some("/queue/a"));
     }

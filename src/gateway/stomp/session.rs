@@ -168,10 +168,7 @@ impl Session {
         if self.user.is_none() {
             return match f.command {
                 Command::Connect | Command::Stomp => self.connect(&f, auth, up, cfg),
-                _ => Err(refuse(
-                    ErrorCode::BadFrame,
-                    "send CONNECT (or STOMP) first",
-                )),
+                _ => Err(refuse(ErrorCode::BadFrame, "send CONNECT (or STOMP) first")),
             };
         }
         match f.command {
@@ -226,9 +223,12 @@ impl Session {
                 "transactions are not supported",
             )),
             Command::Disconnect => Ok(Next::Disconnect),
-            Command::Connected | Command::Message | Command::Receipt | Command::Error => Err(
-                refuse(ErrorCode::BadFrame, "that is a server frame, not a client frame"),
-            ),
+            Command::Connected | Command::Message | Command::Receipt | Command::Error => {
+                Err(refuse(
+                    ErrorCode::BadFrame,
+                    "that is a server frame, not a client frame",
+                ))
+            }
         }
     }
 
@@ -1006,7 +1006,10 @@ mod tests {
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!((v["type"].as_str(), v["event"].as_str()), (Some("system"), Some("leave")));
+        assert_eq!(
+            (v["type"].as_str(), v["event"].as_str()),
+            (Some("system"), Some("leave"))
+        );
         assert!(stomp_body(r#"{"type":"ack","id":"x"}"#, &mut n).is_none());
     }
 }
