@@ -307,6 +307,21 @@ async fn every_refusal_is_an_error_frame_then_close() {
             "{frames:?}: message {msg:?} lacks {words:?}"
         );
     }
+    // Every refusal is counted by code.
+    let (_, metrics) = common::app::http_get(&app.http("/metrics")).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    let count = |code: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("stomp_errors_total") && l.contains(&format!("code=\"{code}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("bad_room") >= 3.0, "{metrics}");
+    assert!(count("bad_frame") >= 8.0, "{metrics}");
     // A refused frame's receipt is named in the ERROR.
     let e = refused(
         &app,
@@ -473,4 +488,62 @@ async fn with_auth_on_the_token_names_the_user_and_its_rooms() {
     let mut s = Stomp::open(app.port, &format!("/stomp?token={t}")).await;
     s.frame("CONNECT", &[("accept-version", "1.2")], "").await;
     assert_eq!(s.recv().await.header("user-name"), Some("erin"));
+}
+
+#[tokio::test]
+async fn versions_names_limits_and_shared_subscriptions() {
+    let (_d, app) = app_with(|c| {
+        c.limits.max_rooms_per_conn = 2;
+        c.limits.max_members_per_room = 1;
+    })
+    .await;
+    // 1.1 when that is all the client accepts; the name from ?user=.
+    let mut s = Stomp::open(app.port, "/stomp?user=olga").await;
+    s.frame("CONNECT", &[("accept-version", "1.0,1.1")], "")
+        .await;
+    let c = s.recv().await;
+    assert_eq!(
+        (c.header("version"), c.header("user-name")),
+        (Some("1.1"), Some("olga"))
+    );
+
+    // Two subscriptions to one room: one member; the room stays joined until
+    // the last one goes.
+    s.subscribe("x", "/sub/chat/room/two").await;
+    s.subscribe("y", "/sub/chat/room/two").await;
+    let id = s
+        .send("/pub/chat/message", "two", "once per subscription")
+        .await;
+    let mut subs = Vec::new();
+    while subs.len() < 2 {
+        let (f, v) = s.recv_message().await;
+        if v["id"] == id.as_str() {
+            subs.push(f.header("subscription").unwrap_or_default().to_string());
+        }
+    }
+    subs.sort();
+    assert_eq!(subs, ["x", "y"]);
+    // MAX_ROOMS_PER_CONN bounds subscriptions.
+    s.frame(
+        "SUBSCRIBE",
+        &[("id", "z"), ("destination", "/sub/chat/room/three")],
+        "",
+    )
+    .await;
+    assert_eq!(
+        s.expect_error().await.header("code"),
+        Some("too_many_rooms")
+    );
+
+    // MAX_MEMBERS_PER_ROOM: the room already has a member on this instance.
+    let (mut a, _) = Stomp::connect(app.port, "first", &[]).await;
+    a.subscribe("0", "/sub/chat/room/full").await;
+    let (mut b, _) = Stomp::connect(app.port, "second", &[]).await;
+    b.frame(
+        "SUBSCRIBE",
+        &[("id", "0"), ("destination", "/sub/chat/room/full")],
+        "",
+    )
+    .await;
+    assert_eq!(b.expect_error().await.header("code"), Some("room_full"));
 }

@@ -105,11 +105,16 @@ impl Stomp {
             "",
         )
         .await;
-        // The members MESSAGE, then the receipt.
-        let members = self.recv().await;
-        assert_eq!(members.command, Command::Message, "{members:?}");
-        let r = self.recv().await;
-        assert_eq!(r.command, Command::Receipt, "{r:?}");
+        // This subscription's members MESSAGE (other subscriptions' frames
+        // may come first), then the receipt.
+        let members = loop {
+            let f = self.recv_command(Command::Message).await;
+            let v: serde_json::Value = serde_json::from_slice(&f.body).expect("json body");
+            if f.header("subscription") == Some(id) && v["event"] == "members" {
+                break f;
+            }
+        };
+        let r = self.recv_command(Command::Receipt).await;
         assert_eq!(r.header("receipt-id"), Some(receipt.as_str()));
         members
     }

@@ -1010,6 +1010,16 @@ mod tests {
             (v["type"].as_str(), v["event"].as_str()),
             (Some("system"), Some("leave"))
         );
+        let (_, _, body) = stomp_body(
+            r#"{"type":"gap","room":"chat.1","from_seq":4,"to_seq":9}"#,
+            &mut n,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["event"].as_str()),
+            (Some("system"), Some("gap"))
+        );
         assert!(stomp_body(r#"{"type":"ack","id":"x"}"#, &mut n).is_none());
     }
 }
