@@ -123,6 +123,54 @@ struct WsParams {
     token: Option<String>,
 }
 
+/// The refusals every WebSocket upgrade (`/ws`, `/stomp`) answers before
+/// anything else: 503 while shutting down, 403 for a foreign origin.
+fn refuse_upgrade(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    if state.gateway.shutdown.is_cancelled() {
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "server is shutting down",
+        ));
+    }
+    if !auth::origin_allowed(&state.allowed_origins, headers) {
+        metrics::counter!("ws_rejected_total", "reason" => "origin").increment(1);
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::ForbiddenOrigin,
+            "this origin may not open a WebSocket here (see ALLOWED_ORIGINS)",
+        ));
+    }
+    None
+}
+
+/// One of the caller's per-IP connection slots, or 429.
+fn conn_slot(state: &HttpState, peer: SocketAddr) -> Result<auth::ConnSlot, Box<Response>> {
+    let max = state.gateway.limits.max_conns_per_ip;
+    state
+        .conns_per_ip
+        .try_acquire(peer.ip(), max)
+        .ok_or_else(|| {
+            metrics::counter!("ws_rejected_total", "reason" => "conns_per_ip").increment(1);
+            Box::new(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyConnections,
+                &format!("at most {max} connections per IP address"),
+            ))
+        })
+}
+
+/// The socket's frame limit and buffers, the same for both protocols.
+fn sized(upgrade: WebSocketUpgrade, limits: &crate::config::Limits) -> WebSocketUpgrade {
+    upgrade
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        // Small buffers: most sockets are idle and each buffer is per connection.
+        .read_buffer_size(1024)
+        .write_buffer_size(2 * 1024)
+        .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
+}
+
 /// The WebSocket upgrade. Refusals happen here, before the upgrade, as HTTP
 /// statuses with a JSON body: 403 foreign origin, 401 missing/bad token,
 /// 429 too many connections from one IP, 503 shutting down.
@@ -133,20 +181,8 @@ async fn ws(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if state.gateway.shutdown.is_cancelled() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ShuttingDown,
-            "server is shutting down",
-        );
-    }
-    if !auth::origin_allowed(&state.allowed_origins, &headers) {
-        metrics::counter!("ws_rejected_total", "reason" => "origin").increment(1);
-        return error(
-            StatusCode::FORBIDDEN,
-            ErrorCode::ForbiddenOrigin,
-            "this origin may not open a WebSocket here (see ALLOWED_ORIGINS)",
-        );
+    if let Some(refused) = refuse_upgrade(&state, &headers) {
+        return refused;
     }
     let user = match state
         .auth
@@ -176,29 +212,12 @@ async fn ws(
             );
         }
     };
-    let limits = &state.gateway.limits;
-    let Some(slot) = state
-        .conns_per_ip
-        .try_acquire(peer.ip(), limits.max_conns_per_ip)
-    else {
-        metrics::counter!("ws_rejected_total", "reason" => "conns_per_ip").increment(1);
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::TooManyConnections,
-            &format!(
-                "at most {} connections per IP address",
-                limits.max_conns_per_ip
-            ),
-        );
+    let slot = match conn_slot(&state, peer) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
-    upgrade
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        // Small buffers: most sockets are idle and each buffer is per connection.
-        .read_buffer_size(1024)
-        .write_buffer_size(2 * 1024)
-        .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
-        .on_upgrade(move |socket| conn::serve(socket, user, state.gateway, slot))
+    let limits = state.gateway.limits.clone();
+    sized(upgrade, &limits).on_upgrade(move |socket| conn::serve(socket, user, state.gateway, slot))
 }
 
 /// The STOMP endpoint's upgrade: the same refusals as `/ws` (origin, per-IP
@@ -212,48 +231,20 @@ async fn stomp(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if state.gateway.shutdown.is_cancelled() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ShuttingDown,
-            "server is shutting down",
-        );
+    if let Some(refused) = refuse_upgrade(&state, &headers) {
+        return refused;
     }
-    if !auth::origin_allowed(&state.allowed_origins, &headers) {
-        metrics::counter!("ws_rejected_total", "reason" => "origin").increment(1);
-        return error(
-            StatusCode::FORBIDDEN,
-            ErrorCode::ForbiddenOrigin,
-            "this origin may not open a WebSocket here (see ALLOWED_ORIGINS)",
-        );
-    }
-    let limits = state.gateway.limits.clone();
-    let Some(slot) = state
-        .conns_per_ip
-        .try_acquire(peer.ip(), limits.max_conns_per_ip)
-    else {
-        metrics::counter!("ws_rejected_total", "reason" => "conns_per_ip").increment(1);
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::TooManyConnections,
-            &format!(
-                "at most {} connections per IP address",
-                limits.max_conns_per_ip
-            ),
-        );
+    let slot = match conn_slot(&state, peer) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     let up = stomp::session::Upgrade {
         token: auth::token_from(&headers, p.token.as_deref()).map(str::to_string),
         user: p.user,
     };
     let (gw, auth, cfg) = (state.gateway, state.auth, state.stomp);
-    upgrade
-        .protocols(stomp::session::SUBPROTOCOLS)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        .read_buffer_size(1024)
-        .write_buffer_size(2 * 1024)
-        .max_write_buffer_size(limits.max_frame_bytes.max(64 * 1024) * 16)
+    let limits = gw.limits.clone();
+    sized(upgrade.protocols(stomp::session::SUBPROTOCOLS), &limits)
         .on_upgrade(move |socket| stomp::session::serve(socket, up, gw, auth, cfg, slot))
 }
 

@@ -246,9 +246,28 @@ type Answer = futures::future::BoxFuture<'static, (Option<String>, Result<String
 /// than the broker confirms.
 pub(crate) const MAX_SENDS_IN_FLIGHT: usize = 64;
 
+/// Whether a read failed on a frame over `MAX_FRAME_BYTES` (tungstenite
+/// reports it as a capacity error); counted in `ws_oversized_frames_total`.
+pub(crate) fn oversized(e: &axum::Error) -> bool {
+    let s = e.to_string();
+    let big = s.contains("too long") || s.contains("too big") || s.contains("Space limit");
+    if big {
+        metrics::counter!("ws_oversized_frames_total").increment(1);
+    }
+    big
+}
+
+/// A connection's send rate limit (`RATE_LIMIT_PER_SEC`, `RATE_LIMIT_BURST`),
+/// the same for `/ws` and STOMP.
+pub(crate) fn send_limiter(limits: &crate::config::Limits) -> governor::DefaultDirectRateLimiter {
+    let per_sec = NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limits.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst))
+}
+
 /// Resolves when the token expiring at `exp` (unix seconds) expires; never
 /// without one.
-async fn token_expiry(exp: Option<i64>) {
+pub(crate) async fn token_expiry(exp: Option<i64>) {
     match exp {
         Some(exp) => {
             let left = exp.saturating_mul(1000) - chrono::Utc::now().timestamp_millis();
@@ -363,9 +382,7 @@ pub async fn serve(
         rooms_allowed,
         gw: gw.clone(),
     };
-    let per_sec = NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(limits.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    let limiter = RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst));
+    let limiter = send_limiter(&limits);
 
     let reader_stopped = kick.cancelled();
     tokio::pin!(reader_stopped);
@@ -393,10 +410,7 @@ pub async fn serve(
         let msg = match msg {
             Some(Ok(m)) => m,
             Some(Err(e)) => {
-                // tungstenite reports an over-limit frame as a capacity error.
-                let s = e.to_string();
-                if s.contains("too long") || s.contains("too big") || s.contains("Space limit") {
-                    metrics::counter!("ws_oversized_frames_total").increment(1);
+                if oversized(&e) {
                     close_code.store(CLOSE_TOO_BIG, Ordering::Relaxed);
                     kick.cancel();
                 }

@@ -12,7 +12,6 @@
 //! answered, but nothing is redelivered.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +19,6 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
-use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
@@ -31,7 +29,7 @@ use crate::auth::{Authenticator, ConnSlot, RoomPolicy};
 use crate::config::StompConfig;
 use crate::gateway::conn::{
     CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN,
-    MAX_SENDS_IN_FLIGHT, next_conn_id,
+    MAX_SENDS_IN_FLIGHT, next_conn_id, oversized, send_limiter, token_expiry,
 };
 use crate::gateway::rooms::{ConnId, EnterError, Frame as RoomFrame};
 use crate::gateway::{Gateway, SendError};
@@ -664,17 +662,6 @@ fn stomp_body(text: &str, presence_n: &mut u64) -> Option<(RoomId, String, Strin
     }
 }
 
-/// Resolves when the token expiring at `exp` (unix seconds) expires; never without one.
-async fn token_expiry(exp: Option<i64>) {
-    match exp {
-        Some(exp) => {
-            let left = exp.saturating_mul(1000) - chrono::Utc::now().timestamp_millis();
-            tokio::time::sleep(Duration::from_millis(left.max(0) as u64)).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
 /// Serves one upgraded STOMP socket until the client disconnects, a refusal
 /// closes it, it falls silent, or the server shuts down.
 pub async fn serve(
@@ -807,9 +794,7 @@ pub async fn serve(
         send_every,
         recv_every: Duration::ZERO,
     };
-    let per_sec = NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(limits.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    let limiter = RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst));
+    let limiter = send_limiter(&limits);
     let mut decoder = Decoder::new(DecodeLimits {
         max_frame: limits.max_frame_bytes,
         max_headers: cfg.stomp_max_headers,
@@ -880,9 +865,7 @@ pub async fn serve(
             }
             Some(Ok(Message::Close(_))) | None => break,
             Some(Err(e)) => {
-                let e = e.to_string();
-                if e.contains("too long") || e.contains("too big") || e.contains("Space limit") {
-                    metrics::counter!("ws_oversized_frames_total").increment(1);
+                if oversized(&e) {
                     close_code.store(CLOSE_TOO_BIG, Ordering::Relaxed);
                     kick.cancel();
                 }
