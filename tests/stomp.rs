@@ -547,3 +547,62 @@ async fn versions_names_limits_and_shared_subscriptions() {
     .await;
     assert_eq!(b.expect_error().await.header("code"), Some("room_full"));
 }
+
+/// The memory bus with a switch that makes it refuse publishes, as a broker
+/// that went away does (delivery is the memory bus's, nothing mocked).
+struct Switchable {
+    inner: chat_relay::bus::memory::MemoryBus,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl chat_relay::bus::MessageBus for Switchable {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+    fn capabilities(&self) -> chat_relay::bus::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn publish(
+        &self,
+        msg: chat_relay::bus::Outgoing,
+    ) -> Result<(), chat_relay::bus::BusError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(chat_relay::bus::BusError::Unavailable("broker down".into()));
+        }
+        self.inner.publish(msg).await
+    }
+    async fn subscribe(
+        &self,
+        opts: chat_relay::bus::SubscribeOptions,
+    ) -> Result<chat_relay::bus::Subscription, chat_relay::bus::BusError> {
+        self.inner.subscribe(opts).await
+    }
+    async fn ready(&self) -> Result<(), chat_relay::bus::BusError> {
+        self.inner.ready().await
+    }
+}
+
+#[tokio::test]
+async fn a_send_the_bus_refuses_is_an_error_naming_its_receipt() {
+    let bus = std::sync::Arc::new(Switchable {
+        inner: chat_relay::bus::memory::MemoryBus::new(Default::default()),
+        down: false.into(),
+    });
+    let (_d, db) = sqlite_db();
+    let app = common::app::spawn_app_on(test_config(&db), bus.clone()).await;
+    let (mut s, _) = Stomp::connect(app.port, "unlucky", &[]).await;
+    s.send("/pub/chat/message", "b", "while up").await;
+    bus.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let body = json!({"roomId": "b", "content": "while down"}).to_string();
+    s.frame(
+        "SEND",
+        &[("destination", "/pub/chat/message"), ("receipt", "r-down")],
+        &body,
+    )
+    .await;
+    let e = s.expect_error().await;
+    assert_eq!(e.header("code"), Some("bus_unavailable"), "{e:?}");
+    assert_eq!(e.header("receipt-id"), Some("r-down"));
+    assert!(e.header("message").unwrap_or_default().contains("not sent"));
+}
