@@ -533,9 +533,15 @@ impl Store {
         let epoch = || ulid::Ulid::new().to_string().to_lowercase();
         match self {
             Store::Postgres(p) => {
-                let names: Vec<&str> = rooms.iter().map(|(r, _)| r.as_str()).collect();
-                let counts: Vec<i64> = rooms.iter().map(|(_, n)| *n).collect();
-                let epochs: Vec<String> = rooms.iter().map(|_| epoch()).collect();
+                // Rows are locked in the order given: in room order, so two
+                // gateways' batches over the same rooms queue behind each
+                // other instead of deadlocking (PostgreSQL would hold both
+                // for `deadlock_timeout`, 1 s, then fail one).
+                let mut sorted: Vec<&(RoomId, i64)> = rooms.iter().collect();
+                sorted.sort_by(|a, b| a.0.cmp(&b.0));
+                let names: Vec<&str> = sorted.iter().map(|(r, _)| r.as_str()).collect();
+                let counts: Vec<i64> = sorted.iter().map(|(_, n)| *n).collect();
+                let epochs: Vec<String> = sorted.iter().map(|_| epoch()).collect();
                 let rows = sqlx::query(
                     "INSERT INTO room_seq (room, seq, epoch) \
                      SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[]) \
