@@ -69,6 +69,15 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// The generator's WebSocket buffers. tungstenite's default read buffer is
+/// 128 KiB and it zeroes that much before every read: with thousands of
+/// subscribers reading a small frame each, that memset was a third of the
+/// generator's CPU (`perf`: 10 % of the whole machine in `memset` under the
+/// full profile) — CPU the relay and the brokers it measures did not get.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
+}
+
 /// The parts of a server frame the subscribers look at.
 #[derive(serde::Deserialize)]
 struct Frame<'a> {
@@ -77,6 +86,10 @@ struct Frame<'a> {
     /// Escaped JSON inside JSON: borrowed when it has no escapes, owned otherwise.
     #[serde(default, borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
+    /// When the gateway stamped the message (ms): after its room position
+    /// was taken, just before it went to the bus.
+    #[serde(default)]
+    ts: Option<u64>,
 }
 
 /// A load-generator message body: run prefix, publisher, sequence, send time (µs).
@@ -136,9 +149,14 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("lg{}", now_us() % 1_000_000_000));
     let room = |i: usize| format!("chat.{prefix}-{}", i % args.rooms);
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    // End to end, and split at the gateway's `ts` stamp: ingress (client →
+    // gateway → room position) and egress (bus → live consumer → socket).
+    // `ts` has millisecond resolution, so the halves are ±1 ms.
+    let hist = Arc::new(Mutex::new([
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+    ]));
     let totals = Arc::new(Mutex::new(SubStats::default()));
     let joined = Arc::new(AtomicU64::new(0));
     // Subscribers read until the publishers are done plus `drain` seconds
@@ -160,7 +178,9 @@ async fn main() -> anyhow::Result<()> {
         );
         subs.push(tokio::spawn(async move {
             let (mut ws, _) =
-                match tokio_tungstenite::connect_async_with_config(&url, None, true).await {
+                match tokio_tungstenite::connect_async_with_config(&url, Some(ws_config()), true)
+                    .await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("subscriber connect failed: {e}");
@@ -172,7 +192,8 @@ async fn main() -> anyhow::Result<()> {
                     json!({"type":"join","room":room}).to_string().into(),
                 ))
                 .await;
-            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut local = [new(), new(), new()];
             let mut st = SubStats::default();
             let mut last: HashMap<u64, u64> = HashMap::new();
             let mut seen: HashMap<u64, std::collections::HashSet<u64>> = HashMap::new();
@@ -207,7 +228,12 @@ async fn main() -> anyhow::Result<()> {
                             continue;
                         }
                         let (p, s, t) = (b.p, b.s, b.t);
-                        let _ = local.record(now_us().saturating_sub(t).max(1));
+                        let now = now_us();
+                        let _ = local[0].record(now.saturating_sub(t).max(1));
+                        if let Some(ts) = v.ts.map(|ms| ms * 1000) {
+                            let _ = local[1].record(ts.saturating_sub(t).max(1));
+                            let _ = local[2].record(now.saturating_sub(ts).max(1));
+                        }
                         st.received += 1;
                         if place.publisher(p as usize) != instance {
                             st.cross += 1;
@@ -232,7 +258,11 @@ async fn main() -> anyhow::Result<()> {
                     st.gaps += (max - min + 1) - s.len() as u64;
                 }
             }
-            let _ = hist.lock().await.add(&local);
+            let mut h = hist.lock().await;
+            for (h, l) in h.iter_mut().zip(&local) {
+                let _ = h.add(l);
+            }
+            drop(h);
             let mut t = totals.lock().await;
             t.received += st.received;
             t.dups += st.dups;
@@ -279,14 +309,16 @@ async fn main() -> anyhow::Result<()> {
         );
         let (seconds, publishers, sending) = (args.seconds, args.publishers, sending.clone());
         pubs.push(tokio::spawn(async move {
-            let (ws, _) = match tokio_tungstenite::connect_async_with_config(&url, None, true).await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("publisher connect failed: {e}");
-                    return;
-                }
-            };
+            let (ws, _) =
+                match tokio_tungstenite::connect_async_with_config(&url, Some(ws_config()), true)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("publisher connect failed: {e}");
+                        return;
+                    }
+                };
             let (mut tx, mut rx) = ws.split();
             let _ = tx
                 .send(Message::Text(
@@ -352,7 +384,12 @@ async fn main() -> anyhow::Result<()> {
     for s in subs {
         let _ = s.await;
     }
-    let h = hist.lock().await;
+    let hs = hist.lock().await;
+    let h = &hs[0];
+    let split = |h: &Histogram<u64>| {
+        let q = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        json!({"p50": q(0.5), "p99": q(0.99)})
+    };
     let t = totals.lock().await;
     let acked = acked.load(Ordering::Relaxed);
     let expected = acked * args.subs as u64;
@@ -367,6 +404,7 @@ async fn main() -> anyhow::Result<()> {
         "deliveries_per_s": (t.received as f64 / send_secs).round(),
         "cross_instance_share": if t.received > 0 { t.cross as f64 / t.received as f64 } else { 0.0 },
         "e2e_ms": {"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
+        "ingress_ms": split(&hs[1]), "egress_ms": split(&hs[2]),
     });
     println!("{out}");
     Ok(())
