@@ -3,7 +3,7 @@
 mod common;
 
 use chat_relay::protocol::{ChatMessage, MessageKind, RoomId};
-use chat_relay::store::{NewClaim, SendKey, Store};
+use chat_relay::store::{NewClaim, SendKey, SeqSend, Store};
 use common::app::{pg_db, sqlite_db};
 
 fn key(room: &RoomId, cid: &str) -> SendKey {
@@ -284,6 +284,148 @@ async fn position_batches_of_two_gateways_never_deadlock_postgres() {
     // Every position handed out once: 300 batches took one of each room.
     let head = store
         .room_head(&rooms[0].0)
+        .await
+        .expect("head")
+        .expect("some");
+    assert_eq!(head.seq, 300);
+}
+
+/// The sequencer's one-statement burst (`Store::sequence`): earlier
+/// confirmations ride along, new claims take positions in the order given
+/// (claimless sends always do), a key an earlier send holds and the second
+/// of a key claimed twice take none, and each room's head covers exactly its
+/// new sends.
+async fn one_statement_burst(db: &str) {
+    let store = Store::connect(db).await.expect("store");
+    let (r1, r2) = (
+        RoomId::parse("chat.burst1").expect("room"),
+        RoomId::parse("chat.burst2").expect("room"),
+    );
+    // An earlier send, still pending, and one whose publish is confirmed
+    // by this burst.
+    assert_eq!(
+        store
+            .claim_send(&r1, "u", "old", "id0")
+            .await
+            .expect("claim"),
+        None
+    );
+    assert_eq!(
+        store
+            .claim_send(&r2, "u", "done", "id9")
+            .await
+            .expect("claim"),
+        None
+    );
+    store.take_seqs(&[(r1.clone(), 5)]).await.expect("seqs");
+    let send = |room, claim| SeqSend { room, claim };
+    let out = store
+        .sequence(
+            &[
+                send(&r1, Some(("u", "a", "id1"))),
+                send(&r1, None),
+                send(&r1, Some(("u", "old", "id2"))),
+                send(&r2, Some(("u", "b", "id3"))),
+                send(&r2, Some(("u", "b", "id4"))),
+                send(&r1, Some(("u", "c", "id5"))),
+            ],
+            &[key(&r2, "done")],
+        )
+        .await
+        .expect("sequence");
+    assert_eq!(out.takes[..4], [true, true, false, true], "{:?}", out.takes);
+    assert!(
+        !out.takes[4],
+        "a key claimed twice in one burst is new once"
+    );
+    assert!(out.takes[5]);
+    // r1 had 5 positions; its 3 new sends got 6..=8. r2 is new: 1.
+    assert_eq!(out.heads.get(r1.as_str()).map(|h| h.seq), Some(8));
+    assert_eq!(out.heads.get(r2.as_str()).map(|h| h.seq), Some(1));
+    assert_eq!(out.heads.len(), 2);
+    let epoch = store
+        .room_head(&r1)
+        .await
+        .expect("head")
+        .expect("some")
+        .epoch;
+    assert_eq!(
+        out.heads[r1.as_str()].epoch,
+        epoch,
+        "the epoch of an existing room is kept"
+    );
+    // The confirmation rode along: a retry of `done` gets the original id.
+    let done = store
+        .claim_send(&r2, "u", "done", "id10")
+        .await
+        .expect("claim");
+    assert_eq!(
+        done.map(|c| (c.id, c.confirmed)),
+        Some(("id9".into(), true))
+    );
+    // The new claims are pending under their message ids.
+    let a = store
+        .claim_send(&r1, "u", "a", "id11")
+        .await
+        .expect("claim");
+    assert_eq!(a.map(|c| (c.id, c.confirmed)), Some(("id1".into(), false)));
+    // Only confirmations, no sends: settled alone.
+    let none = store.sequence(&[], &[key(&r1, "a")]).await.expect("settle");
+    assert!(none.takes.is_empty() && none.heads.is_empty());
+    let a = store
+        .claim_send(&r1, "u", "a", "id12")
+        .await
+        .expect("claim");
+    assert_eq!(a.map(|c| c.confirmed), Some(true));
+}
+
+#[tokio::test]
+async fn one_statement_burst_sqlite() {
+    let (_dir, db) = sqlite_db();
+    one_statement_burst(&db).await;
+}
+
+#[tokio::test]
+async fn one_statement_burst_postgres() {
+    one_statement_burst(&pg_db().await).await;
+}
+
+/// The same as `position_batches_of_two_gateways_never_deadlock_postgres`
+/// for the sequencer's one-statement burst, with claims in every send.
+#[tokio::test]
+async fn sequencer_bursts_of_two_gateways_never_deadlock_postgres() {
+    let db = pg_db().await;
+    let store = Store::connect(&db).await.expect("store");
+    let rooms: Vec<RoomId> = (0..40)
+        .map(|i| RoomId::parse(&format!("chat.sq{i}")).expect("room"))
+        .collect();
+    let run = |store: Store, rooms: Vec<RoomId>, user: &'static str| {
+        tokio::spawn(async move {
+            for round in 0..150 {
+                let ids: Vec<(String, String)> = rooms
+                    .iter()
+                    .map(|r| (format!("{round}"), format!("{user}-{r}-{round}")))
+                    .collect();
+                let sends: Vec<SeqSend<'_>> = rooms
+                    .iter()
+                    .zip(&ids)
+                    .map(|(room, (cid, id))| SeqSend {
+                        room,
+                        claim: Some((user, cid.as_str(), id.as_str())),
+                    })
+                    .collect();
+                let out = store.sequence(&sends, &[]).await?;
+                assert!(out.takes.iter().all(|t| *t));
+            }
+            Ok::<_, chat_relay::store::StoreError>(())
+        })
+    };
+    let a = run(store.clone(), rooms.clone(), "a");
+    let b = run(store.clone(), rooms.iter().rev().cloned().collect(), "b");
+    a.await.expect("task").expect("burst a");
+    b.await.expect("task").expect("burst b");
+    let head = store
+        .room_head(&rooms[0])
         .await
         .expect("head")
         .expect("some");

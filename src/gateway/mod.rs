@@ -145,10 +145,8 @@ pub struct Gateway {
     pub connections: AtomicI64,
     /// Striped per-room send locks (see [`Gateway::room_turn`]).
     turns: Vec<tokio::sync::Mutex<()>>,
-    /// Hands out room positions, one commit per burst of sends.
+    /// Hands out room positions and settles claims, one statement per burst.
     sequencer: sequencer::Sequencer,
-    /// Settles `cid` claims once the bus answered, one statement per burst.
-    settler: sequencer::Settler,
     /// Heartbeat and expiry of cluster presence (see [`presence`]).
     pub presence: PresenceConfig,
 }
@@ -174,7 +172,6 @@ impl Gateway {
             bus,
             rooms,
             sequencer: sequencer::Sequencer::spawn(store.clone()),
-            settler: sequencer::Settler::spawn(store.clone()),
             store,
             ids,
             limits,
@@ -300,7 +297,7 @@ impl Gateway {
         &self.turns[(h.finish() % self.turns.len() as u64) as usize]
     }
 
-    /// Settles a `cid` claim through the batching [`sequencer::Settler`] (the
+    /// Settles a `cid` claim through the batching [`sequencer::Sequencer`] (the
     /// `ack` does not wait for the statement): kept when published, dropped
     /// otherwise so a retry may publish.
     async fn settle(&self, room: &RoomId, user: &str, cid: Option<&str>, published: bool) {
@@ -310,7 +307,7 @@ impl Gateway {
             user: user.to_string(),
             cid: cid.to_string(),
         };
-        self.settler.settle(key, published).await;
+        self.sequencer.settle(key, published).await;
     }
 
     /// Claims `cid` for message `id`; `Some(id)` of the earlier send when this

@@ -1,19 +1,21 @@
 //! Room positions and `cid` claims with group commit. Every send needs its
-//! room's next position ([`Store::take_seqs`]) before it is published, and
-//! the counter must be durable — one commit (a WAL flush) per message would
-//! cap the relay at the disk's flush rate. So requests queue here and one
-//! task takes every queued request at once: the burst's dedupe claims in one
-//! statement ([`Store::claim_sends`]), then the positions of the new ones in
-//! one transaction. A burst of sends costs two statements, and an idle relay
-//! answers a lone send after two round trips. The [`Settler`] does the same
-//! for the claims' outcomes after the bus answered.
+//! room's next position before it is published, and the counter must be
+//! durable — one commit (a WAL flush) per message would cap the relay at the
+//! disk's flush rate. So requests queue here and one task takes every queued
+//! request at once and answers the whole burst with one statement
+//! ([`Store::sequence`]): the claims' outcomes settled since the last burst,
+//! the burst's dedupe claims, and the positions of the sends that got one.
+//! The settles ride along with the next burst instead of costing a statement
+//! each; a lone settle (no sends behind it) goes out by itself, and a
+//! released claim (its publish failed) is deleted before the burst so a
+//! retry inside it may claim again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::RoomId;
-use crate::store::{NewClaim, RoomHead, SendKey, Store};
+use crate::store::{RoomHead, SendKey, SeqSend, Sequenced, Store};
 
 /// Most requests answered by one transaction.
 const MAX_BATCH: usize = 1024;
@@ -40,10 +42,16 @@ struct Request {
     reply: oneshot::Sender<Result<Next, String>>,
 }
 
+/// What the batching task is asked: a position, or a claim's outcome.
+enum Job {
+    Next(Request),
+    Settle { key: SendKey, published: bool },
+}
+
 /// The handle sends use; the batching task ends when the last handle is
 /// dropped.
 pub struct Sequencer {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl Sequencer {
@@ -52,6 +60,16 @@ impl Sequencer {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(run(store, rx));
         Sequencer { tx }
+    }
+
+    /// Queues the outcome of claim `key` after the bus answered: kept
+    /// (`published`: a retry gets the original id) or released (a retry may
+    /// publish). The `ack` does not wait for it; a retry racing it waits for
+    /// the claim as before.
+    pub async fn settle(&self, key: SendKey, published: bool) {
+        if self.tx.send(Job::Settle { key, published }).await.is_err() {
+            tracing::warn!("send dedupe: the sequencer stopped; claim not settled");
+        }
     }
 
     /// Claims `claim` (when given) and, unless an earlier send holds it,
@@ -65,7 +83,7 @@ impl Sequencer {
             reply,
         };
         self.tx
-            .send(req)
+            .send(Job::Next(req))
             .await
             .map_err(|_| "the sequencer stopped".to_string())?;
         rx.await.map_err(|_| "the sequencer stopped".to_string())?
@@ -84,25 +102,69 @@ fn burst<T>(first: T, rx: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
     batch
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Request>) {
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.recv().await {
-        let batch = burst(first, &mut rx, MAX_BATCH);
+        let mut batch = Vec::new();
+        let (mut acked, mut failed) = (Vec::new(), Vec::new());
+        for job in burst(first, &mut rx, MAX_BATCH) {
+            match job {
+                Job::Next(r) => batch.push(r),
+                Job::Settle { key, published } if published => acked.push(key),
+                Job::Settle { key, .. } => failed.push(key),
+            }
+        }
         metrics::histogram!("sequencer_batch_size").record(batch.len() as f64);
-        // The burst's claims first: a send whose claim is taken gets no position.
-        let claims: Vec<NewClaim<'_>> = batch
+        // Released claims go first (a retry in this burst may claim again),
+        // and so do confirmations of keys this burst claims again: one
+        // statement must not both update and claim a row.
+        let claimed: HashSet<(&str, &str, &str)> = batch
             .iter()
             .filter_map(|r| {
-                r.claim.as_ref().map(|c| NewClaim {
-                    room: &r.room,
-                    user: &c.user,
-                    cid: &c.cid,
-                    id: &c.id,
-                })
+                r.claim
+                    .as_ref()
+                    .map(|c| (r.room.as_str(), c.user.as_str(), c.cid.as_str()))
             })
             .collect();
-        let fresh = match store.claim_sends(&claims).await {
-            Ok(f) => f,
+        let (early, ride): (Vec<SendKey>, Vec<SendKey>) = acked.into_iter().partition(|k| {
+            batch.is_empty()
+                || claimed.contains(&(k.room.as_str(), k.user.as_str(), k.cid.as_str()))
+        });
+        if (!early.is_empty() || !failed.is_empty())
+            && let Err(e) = store.settle_sends(&early, &failed).await
+        {
+            tracing::warn!(error = %e, "send dedupe: claims not settled");
+        }
+        if batch.is_empty() {
+            if !ride.is_empty()
+                && let Err(e) = store.settle_sends(&ride, &[]).await
+            {
+                tracing::warn!(error = %e, "send dedupe: claims not settled");
+            }
+            continue;
+        }
+        let sends: Vec<SeqSend<'_>> = batch
+            .iter()
+            .map(|r| SeqSend {
+                room: &r.room,
+                claim: r
+                    .claim
+                    .as_ref()
+                    .map(|c| (c.user.as_str(), c.cid.as_str(), c.id.as_str())),
+            })
+            .collect();
+        let res = store.sequence(&sends, &ride).await;
+        drop(sends);
+        let Sequenced { takes, heads } = match res {
+            Ok(s) => s,
             Err(e) => {
+                // Nothing of the statement happened: the confirmations are
+                // retried alone, and every send of the burst fails (its
+                // claim, if any, was not made).
+                if !ride.is_empty()
+                    && let Err(e) = store.settle_sends(&ride, &[]).await
+                {
+                    tracing::warn!(error = %e, "send dedupe: claims not settled");
+                }
                 let msg = e.to_string();
                 for r in batch {
                     let _ = r.reply.send(Err(msg.clone()));
@@ -110,106 +172,34 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Request>) {
                 continue;
             }
         };
-        let mut fresh = fresh.into_iter();
-        let (batch, taken): (Vec<Request>, Vec<Request>) = batch
-            .into_iter()
-            .partition(|r| r.claim.is_none() || fresh.next().unwrap_or(false));
-        for r in taken {
-            let _ = r.reply.send(Ok(Next::Claimed));
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        // Positions per room, rooms in first-seen order.
-        let mut index: HashMap<RoomId, usize> = HashMap::new();
-        let mut counts: Vec<(RoomId, i64)> = Vec::new();
-        for r in &batch {
-            let i = *index.entry(r.room.clone()).or_insert_with(|| {
-                counts.push((r.room.clone(), 0));
-                counts.len() - 1
-            });
-            counts[i].1 += 1;
-        }
-        match store.take_seqs(&counts).await {
-            Ok(heads) => {
-                // Each room's first position in this batch.
-                let mut next: Vec<(i64, String)> = heads
-                    .into_iter()
-                    .zip(&counts)
-                    .map(|(h, (_, n))| (h.seq - n + 1, h.epoch))
-                    .collect();
-                for r in batch {
-                    let Some(i) = index.get(&r.room).copied() else {
-                        continue;
-                    };
-                    let (seq, epoch) = &mut next[i];
-                    let _ = r.reply.send(Ok(Next::Position(RoomHead {
-                        seq: *seq,
-                        epoch: epoch.clone(),
-                    })));
-                    *seq += 1;
-                }
-            }
-            Err(e) => {
-                // Positions not taken: the claims just made are released so a
-                // retry may publish.
-                let keys: Vec<SendKey> = batch
-                    .iter()
-                    .filter_map(|r| {
-                        r.claim.as_ref().map(|c| SendKey {
-                            room: r.room.clone(),
-                            user: c.user.clone(),
-                            cid: c.cid.clone(),
-                        })
-                    })
-                    .collect();
-                if let Err(e) = store.settle_sends(&[], &keys).await {
-                    tracing::warn!(error = %e, "send dedupe: claims not released");
-                }
-                let msg = e.to_string();
-                for r in batch {
-                    let _ = r.reply.send(Err(msg.clone()));
-                }
+        // Each room's sends got head - n + 1 ..= head: count back from the head.
+        let mut next: HashMap<&str, (i64, String)> = HashMap::new();
+        for (r, _) in batch.iter().zip(&takes).filter(|(_, t)| **t) {
+            if let Some(h) = heads.get(r.room.as_str()) {
+                next.entry(r.room.as_str())
+                    .or_insert_with(|| (h.seq, h.epoch.clone()))
+                    .0 -= 1;
             }
         }
-    }
-}
-
-/// One claim's outcome: kept (`published`) or released.
-struct Settle {
-    key: SendKey,
-    published: bool,
-}
-
-/// Settles `cid` claims after the bus answered, one statement per outcome
-/// per burst instead of one per send. The `ack` does not wait for it; a
-/// retry racing it waits for the claim like before.
-pub struct Settler {
-    tx: mpsc::Sender<Settle>,
-}
-
-impl Settler {
-    /// Starts the batching task (needs a Tokio runtime).
-    pub fn spawn(store: Store) -> Settler {
-        let (tx, mut rx) = mpsc::channel::<Settle>(MAX_BATCH * 4);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let (acked, failed): (Vec<Settle>, Vec<Settle>) = burst(first, &mut rx, MAX_BATCH)
-                    .into_iter()
-                    .partition(|s| s.published);
-                let keys = |v: Vec<Settle>| v.into_iter().map(|s| s.key).collect::<Vec<_>>();
-                if let Err(e) = store.settle_sends(&keys(acked), &keys(failed)).await {
-                    tracing::warn!(error = %e, "send dedupe: claims not settled");
+        let mut next: HashMap<String, (i64, String)> =
+            next.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        for (r, take) in batch.into_iter().zip(takes) {
+            let answer = if !take {
+                // An earlier send holds the claim: no position was taken.
+                Ok(Next::Claimed)
+            } else {
+                match next.get_mut(r.room.as_str()) {
+                    Some((seq, epoch)) => {
+                        *seq += 1;
+                        Ok(Next::Position(RoomHead {
+                            seq: *seq,
+                            epoch: epoch.clone(),
+                        }))
+                    }
+                    None => Err("the database returned no position for the room".to_string()),
                 }
-            }
-        });
-        Settler { tx }
-    }
-
-    /// Queues the outcome of claim `key`.
-    pub async fn settle(&self, key: SendKey, published: bool) {
-        if self.tx.send(Settle { key, published }).await.is_err() {
-            tracing::warn!("send dedupe: the settler stopped; claim not settled");
+            };
+            let _ = r.reply.send(answer);
         }
     }
 }
