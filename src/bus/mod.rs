@@ -237,6 +237,10 @@ pub struct Subscription {
     /// that keeps nothing while it is away (an instance group), each change
     /// means messages may have been missed in between.
     pub resumed: Option<tokio::sync::watch::Receiver<u64>>,
+    /// How many deliveries the backend hands this member before it acks
+    /// some (RabbitMQ's prefetch, NATS's max ack pending); `None`: no such
+    /// limit. A worker's batch never waits for more than this.
+    pub unacked_limit: Option<usize>,
     _stop: Option<DropGuard>,
 }
 
@@ -250,8 +254,16 @@ impl Subscription {
             deliveries,
             interest,
             resumed: None,
+            unacked_limit: None,
             _stop: stop,
         }
+    }
+
+    /// Declares the backend's limit on unacked deliveries (see
+    /// [`Subscription::unacked_limit`]).
+    pub fn with_unacked_limit(mut self, limit: usize) -> Self {
+        self.unacked_limit = Some(limit);
+        self
     }
 
     /// Attaches the backend's resumption counter (see [`Subscription::resumed`]).

@@ -557,10 +557,13 @@ impl MessageBus for NatsBus {
                     },
                 )
                 .await?;
-                Ok(
-                    Subscription::new(rx, Arc::new(super::AllRooms), Some(stop.drop_guard()))
-                        .with_resumptions(resumed),
-                )
+                let sub = Subscription::new(rx, Arc::new(super::AllRooms), Some(stop.drop_guard()))
+                    .with_resumptions(resumed);
+                // The group's members share max ack pending (-1: no limit).
+                Ok(match usize::try_from(self.cfg.nats_max_ack_pending) {
+                    Ok(limit) if limit > 0 => sub.with_unacked_limit(limit),
+                    _ => sub,
+                })
             }
         }
     }

@@ -554,7 +554,11 @@ impl MessageBus for RabbitBus {
             interest.clone(),
             stop.clone(),
         );
-        let (connect_opts, group) = (opts.clone(), opts.group.clone());
+        let (connect_opts, group, shared) = (
+            opts.clone(),
+            opts.group.clone(),
+            opts.kind == GroupKind::Shared,
+        );
         let resumed = reconnect::spawn_session(
             "rabbitmq",
             format!("consumer {group}"),
@@ -622,7 +626,14 @@ impl MessageBus for RabbitBus {
             },
         )
         .await?;
-        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())).with_resumptions(resumed))
+        let sub =
+            Subscription::new(rx, interest, Some(stop.drop_guard())).with_resumptions(resumed);
+        // Manual acks and basic.qos only on the shared worker queues.
+        Ok(if shared {
+            sub.with_unacked_limit(usize::from(self.cfg.rabbitmq_prefetch))
+        } else {
+            sub
+        })
     }
 
     async fn ready(&self) -> Result<(), BusError> {
