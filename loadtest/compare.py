@@ -67,6 +67,15 @@ def drop_streams(prefix):
         subprocess.run(["redis-cli", "DEL", *keys], capture_output=True)
 
 
+def drop_queues(prefix):
+    """Deletes a rabbitmq run's durable worker queues: left behind, each run
+    leaves its unconsumed messages on the shared broker for the next runs."""
+    names = subprocess.run(["rabbitmqctl", "list_queues", "name", "-q"], capture_output=True, text=True).stdout.split()
+    for q in names:
+        if q.startswith(prefix):
+            subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
+
+
 def db_rows(db, prefix):
     return int(psql(f"SELECT COUNT(*) FROM messages WHERE room LIKE 'chat.{prefix}-%'", db))
 
@@ -84,6 +93,14 @@ def broker_pids(backend):
     return [int(x) for x in out.split()]
 
 
+def db_pids():
+    """PostgreSQL's processes (a backend per connection: the set changes as
+    pools open and close, so CPU is counted per process from when it was
+    first seen)."""
+    out = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
 def ceiling(backend, p, outdir, inflight=None):
     """The broker alone with the profile's traffic (`brokerbench e2e`), run
     with the same tansu profile as the relays. Returns its JSON plus the
@@ -95,16 +112,24 @@ def ceiling(backend, p, outdir, inflight=None):
         cmd += ["--inflight-per-room", str(inflight)]
     print(f"== {backend}: broker alone, same traffic: {' '.join(cmd[1:])}", flush=True)
     env = dict(TANSU_PROFILE, **os.environ)
+    # The broker's CPU over the ceiling run (setup and teardown included:
+    # a few seconds of the run's length), to set beside its share of the
+    # machine under the relay run.
+    brokers = broker_pids(backend)
+    bcpu0, t0 = sum(cpu_seconds(pid) for pid in brokers), time.time()
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=p["run_s"] + 120)
     except subprocess.TimeoutExpired:
         return dict(error="brokerbench e2e timed out", command=" ".join(cmd[1:]))
+    broker_cpu = round(100 * (sum(cpu_seconds(pid) for pid in brokers) - bcpu0) / max(time.time() - t0, 1), 1)
     with open(os.path.join(outdir, "logs", f"{backend}-ceiling.log"), "w") as f:
         f.write(out.stderr)
     if out.returncode != 0:
         return dict(error=f"brokerbench e2e exited {out.returncode}: {out.stderr.strip()[-300:]}", command=" ".join(cmd[1:]))
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["command"] = " ".join(cmd[1:])
+    if brokers:
+        r["broker_cpu_pct"] = broker_cpu
     print(f"   {out.stderr.strip().splitlines()[-1]}", flush=True)
     return r
 
@@ -140,6 +165,8 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
         cpu0 = {r.name: cpu_seconds(r.proc.pid) for r in procs}
         brokers = broker_pids(backend)
         bcpu0 = sum(cpu_seconds(pid) for pid in brokers)
+        # PostgreSQL (room positions, dedupe claims, the db-writer) shares the machine too.
+        dcpu0 = {pid: cpu_seconds(pid) for pid in db_pids()}
         import resource
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.time()
@@ -156,6 +183,7 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
         result["relay_rss_mb"] = {r.name: round(rss_mb(r.proc.pid), 1) for r in procs}
         if brokers:
             result["broker_cpu_pct"] = round(100 * (sum(cpu_seconds(pid) for pid in brokers) - bcpu0) / elapsed, 1)
+        result["db_cpu_pct"] = round(100 * sum(cpu_seconds(pid) - dcpu0.get(pid, 0) for pid in db_pids()) / elapsed, 1)
         result["generator_cpu_pct"] = round(100 * gen_cpu / max(elapsed, 1), 1)
         # Persistence catch-up after the load.
         t1 = time.time()
@@ -209,6 +237,8 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
             r.stop()
         if backend == "redis-streams":
             drop_streams(f"bench-{stamp}:")
+        if backend == "rabbitmq":
+            drop_queues(f"bench-{stamp}")
     if ceiling_opts is not None and backend != "memory":
         result["ceiling"] = ceiling(backend, p, outdir, **ceiling_opts)
     with open(os.path.join(outdir, f"{backend}.json"), "w") as f:
@@ -223,8 +253,8 @@ def p_of(result):
 def markdown(results, args, outdir):
     gen = results[0].get("generator", "k6")
     missed = "k6 dropped" if gen == "k6" else "sent late"
-    rows = [f"| backend | published / offered ({missed}) | delivered msg/s | cross-instance deliveries | e2e p50 | p95 | p99 | p99.9 | lost / dup / reordered (live) | DB rows / acked after load | DB rows / acked, persistence stopped under load | relay CPU | relay RSS | broker CPU | {gen} CPU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| backend | published / offered ({missed}) | delivered msg/s | cross-instance deliveries | e2e p50 | p95 | p99 | p99.9 | lost / dup / reordered (live) | DB rows / acked after load | DB rows / acked, persistence stopped under load | relay CPU | relay RSS | broker CPU | PostgreSQL CPU | {gen} CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f = r["fanout"]
         e = f["e2e_ms"]
@@ -236,7 +266,8 @@ def markdown(results, args, outdir):
             f"| {f['lost']} / {f['duplicates']} / {f['reordered']} | {r['persist']['rows']}/{r['persist']['acked']} in {r['persist']['catch_up_s']} s "
             f"| {fault_s} | {', '.join(f'{v}%' for v in r['relay_cpu_pct'].values())} "
             f"| {', '.join(f'{v:.0f} MB' for v in r['relay_rss_mb'].values())} "
-            f"| {str(r['broker_cpu_pct']) + '%' if 'broker_cpu_pct' in r else 'n/a'} | {r.get('generator_cpu_pct', r.get('k6_cpu_pct'))}% |")
+            f"| {str(r['broker_cpu_pct']) + '%' if 'broker_cpu_pct' in r else 'n/a'} | {r.get('db_cpu_pct', 'n/a')}% "
+            f"| {r.get('generator_cpu_pct', r.get('k6_cpu_pct'))}% |")
     p = results[0]["profile"]
     text = "\n".join(rows)
     how = ("k6 fanout.js, HTTP publishers" if gen == "k6" else "loadgen, WebSocket publishers")
@@ -244,10 +275,30 @@ def markdown(results, args, outdir):
              f"({p['size']}-byte messages), {p.get('gateways', 2)} gateway instance(s) + one persistence/analytics process per broker backend; "
              + ("no fault run" if p.get("no_fault") else f"fault: persistence stopped {p['fault_stop_s']} s under load") + ".\n\nDurability settings:\n")
     text += "".join(f"- **{r['backend']}**: {r['durability']}\n" for r in results)
+    text += split_table(results)
     text += ceiling_table(results)
     with open(os.path.join(outdir, "summary.md"), "w") as f:
         f.write(text + "\n")
     return text
+
+
+def split_table(results):
+    """Where the latency goes (loadgen only): the gateway stamps `ts` on a
+    message after its room position is taken, just before the bus, so each
+    delivery splits into ingress (client → gateway → position) and egress
+    (bus → live consumer → socket → generator), to the millisecond."""
+    split = [(r["backend"], r["fanout"].get("raw", {})) for r in results]
+    split = [(b, raw) for b, raw in split if "ingress_ms" in raw]
+    if not split:
+        return ""
+    rows = ["", "Where the time goes (loadgen; `ts` is stamped by the gateway once the room position is taken, "
+            "just before the bus; millisecond resolution):", "",
+            "| backend | ingress p50 / p99 (client → gateway → position) | egress p50 / p99 (bus → live consumer → socket) |",
+            "|---|---|---|"]
+    for b, raw in split:
+        i, o = raw["ingress_ms"], raw["egress_ms"]
+        rows.append(f"| {b} | {i['p50']:.1f} / {i['p99']:.1f} ms | {o['p50']:.1f} / {o['p99']:.1f} ms |")
+    return "\n".join(rows) + "\n"
 
 
 def ceiling_table(results):
@@ -259,20 +310,21 @@ def ceiling_table(results):
     rows = ["", "Relay vs. the broker alone with the same traffic (`brokerbench e2e`, relays stopped): "
             "acked/s = confirmed publishes per second of the run; latency at the relay's WebSocket "
             "subscribers vs. at the broker's live consumers.", "",
-            "| backend | relay acked/s | relay e2e p50 / p99 | broker alone (same traffic) acked/s | broker alone (same traffic) p50 / p99 | relay / broker acked/s | relay / broker p99 |",
-            "|---|---|---|---|---|---|---|"]
+            "| backend | relay acked/s | relay e2e p50 / p99 | broker alone (same traffic) acked/s | broker alone (same traffic) p50 / p99 | relay / broker acked/s | relay / broker p99 | broker CPU: under the relay run / alone |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in with_c:
         f, c = r["fanout"], r["ceiling"]
         relay_rate = f["publish_acked"] / max(f["duration_s"], 1)
         e = f["e2e_ms"]
         if "error" in c:
-            rows.append(f"| {r['backend']} | {relay_rate:.0f} | {e['p50']:.1f} / {e['p99']:.1f} ms | failed: {c['error'][:80]} | | | |")
+            rows.append(f"| {r['backend']} | {relay_rate:.0f} | {e['p50']:.1f} / {e['p99']:.1f} ms | failed: {c['error'][:80]} | | | | |")
             continue
         ce = c["e2e_ms"]
         ratio = relay_rate / c["acked_per_s"] if c["acked_per_s"] else float("nan")
         p99 = e["p99"] / ce["p99"] if ce["p99"] else float("nan")
         rows.append(f"| {r['backend']} | {relay_rate:.0f} | {e['p50']:.1f} / {e['p99']:.1f} ms | {c['acked_per_s']:.0f} "
-                    f"| {ce['p50']:.1f} / {ce['p99']:.1f} ms | {ratio:.2f} | {p99:.1f}x |")
+                    f"| {ce['p50']:.1f} / {ce['p99']:.1f} ms | {ratio:.2f} | {p99:.1f}x "
+                    f"| {r.get('broker_cpu_pct', 'n/a')}% / {c.get('broker_cpu_pct', 'n/a')}% |")
     inflight = {str(r["ceiling"].get("inflight_per_room") or "unlimited") for r in with_c}
     rows.append(f"\nBroker alone: publishes in flight per room per instance: {', '.join(sorted(inflight))}; "
                 "producers, consumers and workers in one process (`ceiling.command` in each <backend>.json).\n")
