@@ -115,8 +115,9 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
         }
         metrics::histogram!("sequencer_batch_size").record(batch.len() as f64);
         // Released claims go first (a retry in this burst may claim again),
-        // and so do confirmations of keys this burst claims again: one
-        // statement must not both update and claim a row.
+        // and so do confirmations of keys this burst claims again (one
+        // statement must not both update and claim a row) and, with no sends
+        // to ride along with, all of them.
         let claimed: HashSet<(&str, &str, &str)> = batch
             .iter()
             .filter_map(|r| {
@@ -135,11 +136,6 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
             tracing::warn!(error = %e, "send dedupe: claims not settled");
         }
         if batch.is_empty() {
-            if !ride.is_empty()
-                && let Err(e) = store.settle_sends(&ride, &[]).await
-            {
-                tracing::warn!(error = %e, "send dedupe: claims not settled");
-            }
             continue;
         }
         let sends: Vec<SeqSend<'_>> = batch
@@ -172,17 +168,18 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
                 continue;
             }
         };
-        // Each room's sends got head - n + 1 ..= head: count back from the head.
-        let mut next: HashMap<&str, (i64, String)> = HashMap::new();
+        // Each room's n new sends got head - n + 1 ..= head, in burst order.
+        let mut counts: HashMap<&str, i64> = HashMap::new();
         for (r, _) in batch.iter().zip(&takes).filter(|(_, t)| **t) {
-            if let Some(h) = heads.get(r.room.as_str()) {
-                next.entry(r.room.as_str())
-                    .or_insert_with(|| (h.seq, h.epoch.clone()))
-                    .0 -= 1;
-            }
+            *counts.entry(r.room.as_str()).or_default() += 1;
         }
-        let mut next: HashMap<String, (i64, String)> =
-            next.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut next: HashMap<String, (i64, String)> = heads
+            .into_iter()
+            .map(|(room, h)| {
+                let n = counts.get(room.as_str()).copied().unwrap_or(0);
+                (room, (h.seq - n, h.epoch))
+            })
+            .collect();
         for (r, take) in batch.into_iter().zip(takes) {
             let answer = if !take {
                 // An earlier send holds the claim: no position was taken.
