@@ -200,10 +200,10 @@ impl<'a> Tally<'a> {
 }
 
 /// [`Store::apply_analytics`] on PostgreSQL: the same transaction in a fixed
-/// handful of statements, each taking the whole batch as arrays — one per
-/// message and several per user before, so at 1,000 msg/s the analytics
-/// group fell behind (20,000 of 30,000 messages still queued at the end of a
-/// 30 s run on RabbitMQ). Rows are written in key order, so two analytics
+/// handful of statements, each taking the whole batch as arrays, instead of
+/// one round trip per message and four per user (a batch of N messages from
+/// U users in R rooms: N + R + 3U statements and more, now 5–6). Rows are
+/// written in key order, so two analytics
 /// consumers never lock the same rows in different orders. The statements
 /// that read a table by the batch's keys are planned per call
 /// (`persistent(false)`), for the reason given at [`Store::settle_sends`].

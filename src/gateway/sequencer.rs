@@ -148,9 +148,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
                     .map(|c| (c.user.as_str(), c.cid.as_str(), c.id.as_str())),
             })
             .collect();
-        let res = store.sequence(&sends, &ride).await;
-        drop(sends);
-        let Sequenced { takes, heads } = match res {
+        let Sequenced { takes, heads } = match store.sequence(&sends, &ride).await {
             Ok(s) => s,
             Err(e) => {
                 // Nothing of the statement happened: the confirmations are
