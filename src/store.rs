@@ -82,6 +82,14 @@ macro_rules! on_pool {
     };
 }
 
+/// A pooled connection idle at least this long is pinged before it is handed
+/// out (one round trip), so a connection the database dropped meanwhile is
+/// replaced instead of failing a statement. sqlx's default pings on *every*
+/// acquire: with one statement per sequencer burst that was a second round
+/// trip per send and 12 % of the relay's CPU (`perf`, BENCHMARKS.md). A
+/// connection in use within this window is as good as its last statement.
+const PING_IDLE: Duration = Duration::from_secs(10);
+
 /// Rows per SQLite INSERT statement: 8 parameters per row stays far below
 /// its bind-parameter limit (PostgreSQL takes a whole batch as arrays).
 const ROWS_PER_STATEMENT: usize = 1000;
@@ -359,6 +367,15 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(10))
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IDLE {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_with(opts)
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
@@ -367,6 +384,15 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(5))
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IDLE {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect(url)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;

@@ -1,6 +1,7 @@
 //! One WebSocket connection. The reader decodes client frames and answers each
-//! with a frame (never a silent drop); the writer drains the outbound queue,
-//! writing every queued frame before one flush so a burst costs one syscall.
+//! with a frame (never a silent drop). Frames for the client are written into
+//! the socket by whoever has them ([`Outbox`]); the writer task only finishes
+//! what the socket could not take at once, and closes the socket.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -13,8 +14,9 @@ use futures::{SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::{Finished, Outbox};
 use super::recovery::{self, Cursor, Recovery};
-use super::rooms::{ConnId, EnterError, Frame};
+use super::rooms::{ConnId, EnterError, Frame, Outlet};
 use super::{Gateway, SendError};
 use crate::auth::{ConnSlot, RoomPolicy};
 use crate::protocol::{
@@ -48,7 +50,7 @@ pub struct Session {
 struct Conn {
     id: ConnId,
     user: Arc<str>,
-    tx: flume::Sender<Frame>,
+    out: Arc<Outbox>,
     kick: CancellationToken,
     joined: HashMap<RoomId, ()>,
     rooms_allowed: RoomPolicy,
@@ -64,9 +66,10 @@ fn text(s: String) -> Frame {
 }
 
 impl Conn {
-    /// Queues a frame; a full queue means the client is too slow: kick it.
+    /// Writes (or queues) a frame; a full queue means the client is too
+    /// slow: kick it.
     fn push(&self, f: Frame) {
-        if self.tx.try_send(f).is_err() {
+        if self.out.push(f.text).is_err() {
             metrics::counter!("ws_slow_client_kicks_total").increment(1);
             self.kick.cancel();
         }
@@ -110,7 +113,7 @@ impl Conn {
                 &room,
                 self.id,
                 self.user.clone(),
-                self.tx.clone(),
+                Outlet::Socket(self.out.clone()),
                 self.kick.clone(),
                 limits.max_members_per_room,
             )
@@ -310,16 +313,11 @@ pub async fn serve(
         }
     };
     let limits = gw.limits.clone();
-    // flume rather than tokio's mpsc: its queue starts empty and grows to
-    // what is actually queued, where tokio allocates a 32-slot block (~1.6
-    // KB) up front — in every idle connection (BENCHMARKS.md).
-    let (tx, rx) = flume::bounded::<Frame>(limits.outbound_queue.max(1));
     // One token for every reason to stop: server shutdown (it is a child of
     // the shutdown token), a slow client (the room registry cancels it), an
-    // oversized frame or an expired token (their close code in `close_code`). Reader and writer each create
-    // its `cancelled()` future once, not once per frame: the writer wakes for
-    // every delivery, and re-registering several waiters per wake showed up in
-    // profiles.
+    // oversized frame or an expired token (their close code in `close_code`).
+    // Reader and writer each create its `cancelled()` future once, not once
+    // per frame.
     let kick = gw.shutdown.child_token();
     // Why the connection is being closed, when it is not the default
     // (shutdown or a slow client): a close code set before `kick` fires.
@@ -327,9 +325,14 @@ pub async fn serve(
     metrics::gauge!("ws_connections").increment(1.0);
     gw.connections.fetch_add(1, Ordering::Relaxed);
 
-    // Writer: drains the queue, batching queued frames into one flush.
-    let (writer_kick, writer_close_code, shutdown) =
-        (kick.clone(), close_code.clone(), gw.shutdown.clone());
+    let out = Outbox::new(sink, limits.outbound_queue);
+    // Writer: finishes what the socket could not take at once, then closes it.
+    let (writer_kick, writer_close_code, shutdown, writer_out) = (
+        kick.clone(),
+        close_code.clone(),
+        gw.shutdown.clone(),
+        out.clone(),
+    );
     let writer = tokio::spawn(async move {
         let close = || {
             let (code, reason) = match writer_close_code.load(Ordering::Relaxed) {
@@ -343,40 +346,29 @@ pub async fn serve(
                 reason: reason.into(),
             }))
         };
-        let stopped = writer_kick.cancelled();
-        tokio::pin!(stopped);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut stopped => {
-                    let _ = sink.send(close()).await;
-                    break;
-                }
-                f = rx.recv_async() => {
-                    let Ok(f) = f else {
-                        // The reader is done; it may have ended for a reason
-                        // whose close frame is still owed.
-                        if writer_kick.is_cancelled() {
-                            let _ = sink.send(close()).await;
-                        }
-                        break;
-                    };
-                    if sink.feed(Message::Text(f.text)).await.is_err() { break; }
-                    let mut ok = true;
-                    while let Ok(f) = rx.try_recv() {
-                        if sink.feed(Message::Text(f.text)).await.is_err() { ok = false; break; }
-                    }
-                    if !ok || sink.flush().await.is_err() { break; }
-                }
+        // On a kick the socket is closed at once, with what is queued
+        // dropped; when the reader is done everything queued is written
+        // first (a close frame is owed then only if it ended on a kick).
+        let sink = tokio::select! {
+            biased;
+            _ = writer_kick.cancelled() => writer_out.take(),
+            f = writer_out.run() => match f {
+                Finished::Drained(s) => Some(s),
+                Finished::Failed => None,
+            },
+        };
+        if let Some(mut sink) = sink {
+            if writer_kick.is_cancelled() {
+                let _ = sink.send(close()).await;
             }
+            let _ = sink.close().await;
         }
-        let _ = sink.close().await;
     });
 
     let mut conn = Conn {
         id: next_conn_id(),
         user: Arc::from(user.as_str()),
-        tx,
+        out: out.clone(),
         kick: kick.clone(),
         joined: HashMap::new(),
         rooms_allowed,
@@ -464,7 +456,8 @@ pub async fn serve(
         conn.leave_inner(&r).await;
     }
     drop(conn);
-    // The writer ends once every queue sender is gone (or it sent a close).
+    // The writer ends once what is queued is written (or it sent a close).
+    out.finish();
     let _ = writer.await;
     metrics::gauge!("ws_connections").decrement(1.0);
     gw.connections.fetch_sub(1, Ordering::Relaxed);

@@ -2,12 +2,14 @@
 //! order a message travels.
 //!
 //! * [`conn`] — one task pair per WebSocket (a reader that answers every client
-//!   frame, a writer that drains the connection's bounded queue). A `send`
+//!   frame, a writer that finishes what the socket could not take at once). A `send`
 //!   goes to [`Gateway::begin_chat`] → the bus; its `ack` waits for
 //!   [`PendingSend::finish`] while the reader goes on reading.
 //! * [`live`] — this instance's live-delivery consumer: bus → [`rooms`].
 //! * [`rooms`] — the per-instance room registry: members, held frames during a
-//!   join, the recent ring, fan-out into the outbound queues.
+//!   join, the recent ring, fan-out to every member's outlet.
+//! * [`outbox`] — a socket's outbound side: frames are written into the socket
+//!   by whoever has them, queued (bounded) only when it cannot take more.
 //! * [`recovery`] — what a (re)joining client gets after `joined`: the latest
 //!   history or everything after its cursor, and whether that is provably
 //!   complete; catch-up after this instance's own live stream was interrupted.
@@ -22,6 +24,7 @@
 
 pub mod conn;
 pub mod live;
+pub mod outbox;
 pub mod presence;
 pub mod recovery;
 pub mod rooms;

@@ -3,9 +3,10 @@
 //! messages per room for gap-free recovery of reconnecting clients.
 //!
 //! The hot path is [`Rooms::dispatch`]: one bus delivery → one shared
-//! `Utf8Bytes` frame cloned (a reference-count bump) into each member's
-//! bounded outbound queue. A member whose queue is full is a slow client and is
-//! kicked (close 1013) instead of slowing the room down.
+//! `Utf8Bytes` frame handed (a reference-count bump) to each member's
+//! [`Outlet`]: a `/ws` socket takes it at once ([`super::outbox`]), a STOMP
+//! connection's writer from a bounded queue. A member whose queue is full is a
+//! slow client and is kicked (close 1013) instead of slowing the room down.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::{Full, Outbox};
 use crate::bus::{BusError, RoomInterest};
 use crate::protocol::{PresenceEvent, RoomId};
 
@@ -29,6 +31,31 @@ pub struct Frame {
 
 pub type ConnId = u64;
 
+/// Where a member's frames go.
+#[derive(Clone)]
+pub enum Outlet {
+    /// A `/ws` socket: written into directly, queued only when it cannot
+    /// take more at once.
+    Socket(Arc<Outbox>),
+    /// A STOMP connection: its writer turns each frame into one `MESSAGE`
+    /// per subscription, so it takes them from a bounded queue.
+    Queue(flume::Sender<Frame>),
+}
+
+impl Outlet {
+    /// Hands a frame over; `Err(Full)` when the client is too slow. A
+    /// connection that is going away takes frames and drops them.
+    pub fn offer(&self, f: Frame) -> Result<(), Full> {
+        match self {
+            Outlet::Socket(o) => o.push(f.text),
+            Outlet::Queue(q) => match q.try_send(f) {
+                Err(flume::TrySendError::Full(_)) => Err(Full),
+                Ok(()) | Err(flume::TrySendError::Disconnected(_)) => Ok(()),
+            },
+        }
+    }
+}
+
 /// Where a member's frames go: during a join they are held back until the
 /// history has been sent, then the held frames are flushed in order.
 enum Sink {
@@ -38,7 +65,7 @@ enum Sink {
 
 struct Member {
     user: Arc<str>,
-    tx: flume::Sender<Frame>,
+    out: Outlet,
     kick: CancellationToken,
     sink: Sink,
 }
@@ -119,7 +146,7 @@ impl Rooms {
         room: &RoomId,
         conn: ConnId,
         user: Arc<str>,
-        tx: flume::Sender<Frame>,
+        out: Outlet,
         kick: CancellationToken,
         max_members: usize,
     ) -> Result<JoinTicket, EnterError> {
@@ -133,7 +160,7 @@ impl Rooms {
                 conn,
                 Member {
                     user,
-                    tx,
+                    out,
                     kick,
                     sink: Sink::Joining(Vec::new()),
                 },
@@ -165,7 +192,8 @@ impl Rooms {
                 if f.id.as_ref().is_some_and(|id| sent.contains(id)) {
                     continue;
                 }
-                if m.tx.try_send(f).is_err() {
+                if m.out.offer(f).is_err() {
+                    metrics::counter!("ws_slow_client_kicks_total").increment(1);
                     m.kick.cancel();
                     break;
                 }
@@ -255,13 +283,12 @@ impl Rooms {
         let mut n = 0;
         for m in r.local.values_mut() {
             match &mut m.sink {
-                Sink::Live => match m.tx.try_send(frame.clone()) {
+                Sink::Live => match m.out.offer(frame.clone()) {
                     Ok(()) => n += 1,
-                    Err(flume::TrySendError::Full(_)) => {
+                    Err(Full) => {
                         metrics::counter!("ws_slow_client_kicks_total").increment(1);
                         m.kick.cancel();
                     }
-                    Err(flume::TrySendError::Disconnected(_)) => {}
                 },
                 Sink::Joining(held) => {
                     if held.len() < MAX_HELD {

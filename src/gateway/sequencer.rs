@@ -6,9 +6,10 @@
 //! ([`Store::sequence`]): the claims' outcomes settled since the last burst,
 //! the burst's dedupe claims, and the positions of the sends that got one.
 //! The settles ride along with the next burst instead of costing a statement
-//! each; a lone settle (no sends behind it) goes out by itself, and a
-//! released claim (its publish failed) is deleted before the burst so a
-//! retry inside it may claim again.
+//! each: settles with no send queued behind them wait up to
+//! [`SETTLE_LINGER`] for one, and only then go out by themselves. A released
+//! claim (its publish failed) is deleted before the burst so a retry inside
+//! it may claim again.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,6 +20,13 @@ use crate::store::{RoomHead, SendKey, SeqSend, Sequenced, Store};
 
 /// Most requests answered by one transaction.
 const MAX_BATCH: usize = 1024;
+
+/// How long settles wait for a send to ride along with. Nothing but a retry
+/// of the same `cid` waits for a settle (and it polls every 50 ms), so this
+/// costs no send any latency; without it, at a few hundred sends per second
+/// spread over many connections, nearly every settle was a statement of its
+/// own — a second round trip to the database per message (BENCHMARKS.md).
+const SETTLE_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A send's dedupe claim: `(room, user, cid)` for message `id`.
 pub struct Claim {
@@ -102,11 +110,32 @@ fn burst<T>(first: T, rx: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
     batch
 }
 
+/// Settles only: waits up to [`SETTLE_LINGER`] for a send, then takes it
+/// and whatever queued behind it.
+async fn linger(jobs: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>) {
+    let deadline = tokio::time::Instant::now() + SETTLE_LINGER;
+    while jobs.len() < MAX_BATCH {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(j @ Job::Next(_))) => {
+                let room = MAX_BATCH - jobs.len();
+                jobs.extend(burst(j, rx, room));
+                return;
+            }
+            Ok(Some(j)) => jobs.push(j),
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
 async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.recv().await {
+        let mut jobs = burst(first, &mut rx, MAX_BATCH);
+        if jobs.iter().all(|j| matches!(j, Job::Settle { .. })) {
+            linger(&mut jobs, &mut rx).await;
+        }
         let mut batch = Vec::new();
         let (mut acked, mut failed) = (Vec::new(), Vec::new());
-        for job in burst(first, &mut rx, MAX_BATCH) {
+        for job in jobs {
             match job {
                 Job::Next(r) => batch.push(r),
                 Job::Settle { key, published } if published => acked.push(key),

@@ -10,7 +10,7 @@
 //!
 //!     cargo run --release --bin loadgen -- --url ws://127.0.0.1:8080 --rooms 100 --subs 50 --rate 4000 --seconds 20
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -282,6 +282,9 @@ async fn main() -> anyhow::Result<()> {
     // Publishers: open loop at rate/publishers each.
     let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    // Error frames by code, with the first message of each: a refusal is
+    // only explained by what the relay said.
+    let error_codes: Arc<std::sync::Mutex<BTreeMap<String, (u64, String)>>> = Arc::default();
     let sent = Arc::new(AtomicU64::new(0));
     let late = Arc::new(AtomicU64::new(0));
     let per_pub = (args.rate as f64 / args.publishers as f64).max(0.001);
@@ -298,10 +301,11 @@ async fn main() -> anyhow::Result<()> {
     let mut pubs = Vec::new();
     for p in 0..args.publishers {
         let url = format!("{}/ws?user=p{p}", urls[place.publisher(p)]);
-        let (room, acked, errors, sent, late, pad, prefix) = (
+        let (room, acked, errors, error_codes, sent, late, pad, prefix) = (
             room(p),
             acked.clone(),
             errors.clone(),
+            error_codes.clone(),
             sent.clone(),
             late.clone(),
             pad.clone(),
@@ -332,6 +336,15 @@ async fn main() -> anyhow::Result<()> {
                             acked.fetch_add(1, Ordering::Relaxed);
                         } else if t.as_str().starts_with(r#"{"type":"error""#) {
                             errors.fetch_add(1, Ordering::Relaxed);
+                            let v: serde_json::Value =
+                                serde_json::from_str(t.as_str()).unwrap_or_default();
+                            let code = v["code"].as_str().unwrap_or("?").to_string();
+                            if let Ok(mut m) = error_codes.lock() {
+                                let e = m.entry(code).or_insert_with(|| {
+                                    (0, v["message"].as_str().unwrap_or("").to_string())
+                                });
+                                e.0 += 1;
+                            }
                         }
                     }
                 }
@@ -398,6 +411,7 @@ async fn main() -> anyhow::Result<()> {
         "rooms": args.rooms, "subs": args.subs, "publishers": args.publishers, "rate": args.rate,
         "seconds": args.seconds, "size": args.size, "subscribers_joined": joined_n,
         "sent": sent.load(Ordering::Relaxed), "acked": acked, "errors": errors.load(Ordering::Relaxed),
+        "error_codes": error_codes.lock().map(|m| m.iter().map(|(k, (n, msg))| (k.clone(), json!({"count": n, "first": msg}))).collect::<serde_json::Map<_, _>>()).unwrap_or_default(),
         "late_sends": late.load(Ordering::Relaxed),
         "deliveries": t.received, "expected_deliveries": expected,
         "lost": expected.saturating_sub(t.received - t.dups), "duplicates": t.dups, "reordered": t.reordered, "gaps": t.gaps,

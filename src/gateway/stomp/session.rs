@@ -31,7 +31,7 @@ use crate::gateway::conn::{
     CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN,
     MAX_SENDS_IN_FLIGHT, next_conn_id, oversized, send_limiter, token_expiry,
 };
-use crate::gateway::rooms::{ConnId, EnterError, Frame as RoomFrame};
+use crate::gateway::rooms::{ConnId, EnterError, Frame as RoomFrame, Outlet};
 use crate::gateway::{Gateway, SendError};
 use crate::protocol::{ErrorCode, PresenceEvent, RoomId, RoomKind, valid_user};
 
@@ -380,7 +380,7 @@ impl Session {
                     &room,
                     self.id,
                     user.clone(),
-                    self.room_tx.clone(),
+                    Outlet::Queue(self.room_tx.clone()),
                     self.kick.clone(),
                     self.gw.limits.max_members_per_room,
                 )
