@@ -230,6 +230,7 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
                                    duplicates_written=0,  # primary key: a redelivery writes nothing
                                    redelivered_to_db_writer=worker.metric("persist_duplicates_total"),
                                    catch_up_s=round(time.time() - t2, 2),
+                                   error_frames=ffan.get("raw", {}).get("error_codes", {}),
                                    live=dict(lost=ffan["lost"], dup=ffan["duplicates"], reordered=ffan["reordered"]))
             print(f"   fault: {result['fault']}", flush=True)
     finally:

@@ -163,7 +163,8 @@ def loadgen_fanout(relays, prefix, p, run_s, out_json, wait=True):
             json.dump(summary, f, indent=2)
         return (f"loadgen: acked {r['acked']}, {r['deliveries_per_s']:.0f} deliveries/s, p50 {r['e2e_ms']['p50']} ms, "
                 f"p99 {r['e2e_ms']['p99']} ms, lost {r['lost']} dup {r['duplicates']} reordered {r['reordered']}, "
-                f"late sends {r['late_sends']}, cross-instance {100 * r.get('cross_instance_share', 0):.0f} %")
+                f"late sends {r['late_sends']}, cross-instance {100 * r.get('cross_instance_share', 0):.0f} %"
+                + (f", error frames {r.get('error_codes')}" if r.get("errors") else ""))
 
     gen.proc.finish = finish
     if wait:

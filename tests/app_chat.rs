@@ -262,6 +262,39 @@ async fn rate_limit_answers_rate_limited() {
     app.stop().await;
 }
 
+/// Frames a socket cannot take at once are queued and written later, after
+/// the ones before them and before the ones after them: a client that stops
+/// reading for longer than the kernel's buffers hold (9 MB here) gets every
+/// message, in order, once it reads again.
+#[tokio::test]
+async fn a_client_that_stops_reading_gets_everything_in_order_later() {
+    let (_dir, db) = sqlite_db();
+    let mut cfg = test_config(&db);
+    cfg.limits.outbound_queue = 4096;
+    let app = spawn_app(cfg).await;
+    let mut paused = app.client("paused").await;
+    paused.join("chat.backlog", None).await;
+    let mut sender = app.client("sender").await;
+    sender.join("chat.backlog", None).await;
+    let n = 3000;
+    let pad = "z".repeat(3000);
+    for i in 0..n {
+        sender.say("chat.backlog", &format!("{i} {pad}")).await;
+        sender.recv_type("ack").await;
+    }
+    let mut next = 0;
+    while next < n {
+        let v = paused.recv().await;
+        if v["type"] == "message" && v["user"] == "sender" {
+            let text = v["text"].as_str().unwrap_or_default();
+            let i: usize = text.split(' ').next().unwrap_or("").parse().unwrap();
+            assert_eq!(i, next, "frames arrive in the order they were sent");
+            next += 1;
+        }
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn slow_client_is_disconnected_without_slowing_others() {
     let (_dir, db) = sqlite_db();

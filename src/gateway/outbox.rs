@@ -45,10 +45,10 @@ impl ArcWake for WriterWake {
     }
 }
 
-struct State {
+struct State<S> {
     /// `None` once the writer is done: later frames are dropped (the
     /// connection is going away).
-    sink: Option<WsSink>,
+    sink: Option<S>,
     queue: VecDeque<Utf8Bytes>,
     /// Frames were handed to the sink and its flush has not completed yet.
     unflushed: bool,
@@ -58,8 +58,10 @@ struct State {
     finishing: bool,
 }
 
-pub struct Outbox {
-    state: Mutex<State>,
+/// Generic over the sink only so the ordering and bound rules can be unit
+/// tested without a socket; the server uses the default.
+pub struct Outbox<S = WsSink> {
+    state: Mutex<State<S>>,
     writer: Arc<WriterWake>,
     /// Built once from `writer`: cloned into the socket's registration only
     /// when a write has to wait.
@@ -68,16 +70,16 @@ pub struct Outbox {
 }
 
 /// What [`Outbox::run`] ends with.
-pub enum Finished {
+pub enum Finished<S = WsSink> {
     /// Everything was written after [`Outbox::finish`]; the sink is returned
     /// to send the close frame.
-    Drained(WsSink),
+    Drained(S),
     /// A write failed: the peer is gone.
     Failed,
 }
 
-impl Outbox {
-    pub fn new(sink: WsSink, cap: usize) -> Arc<Self> {
+impl<S: Sink<Message> + Unpin> Outbox<S> {
+    pub fn new(sink: S, cap: usize) -> Arc<Self> {
         let writer = Arc::new(WriterWake(AtomicWaker::new()));
         Arc::new(Outbox {
             state: Mutex::new(State {
@@ -137,7 +139,7 @@ impl Outbox {
         Ok(())
     }
 
-    fn fail(&self, st: &mut State) {
+    fn fail(&self, st: &mut State<S>) {
         st.failed = true;
         self.writer.0.wake();
     }
@@ -152,14 +154,14 @@ impl Outbox {
 
     /// Takes the sink away (later frames are dropped), e.g. to close the
     /// socket at once after a kick.
-    pub fn take(&self) -> Option<WsSink> {
+    pub fn take(&self) -> Option<S> {
         self.state.lock().ok().and_then(|mut st| st.sink.take())
     }
 
     /// The writer task's loop: writes what [`Outbox::push`] had to queue and
     /// completes flushes it started, until [`Outbox::finish`] and an empty
     /// queue, or a failed write.
-    pub async fn run(&self) -> Finished {
+    pub async fn run(&self) -> Finished<S> {
         std::future::poll_fn(|cx| {
             self.writer.0.register(cx.waker());
             let Ok(mut st) = self.state.lock() else {
@@ -186,7 +188,10 @@ impl Outbox {
 /// Writes the queue and completes the flush. `Ready(Ok)` when nothing is
 /// left to do, `Pending` when the socket (or the stream lock) must be waited
 /// for — `cx` is registered then.
-fn drive(st: &mut State, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+fn drive<S: Sink<Message> + Unpin>(
+    st: &mut State<S>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), ()>> {
     if st.failed {
         return Poll::Ready(Err(()));
     }
@@ -222,5 +227,104 @@ fn drive(st: &mut State, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
             }
             st.unflushed = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A socket whose readiness the test controls: it records what was
+    /// written, and while `blocked` it takes nothing (like a full kernel
+    /// buffer) and wakes the waiting writer when unblocked.
+    #[derive(Clone, Default)]
+    struct Gate {
+        blocked: Arc<AtomicBool>,
+        waiter: Arc<Mutex<Option<Waker>>>,
+        written: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Gate {
+        fn set_blocked(&self, b: bool) {
+            self.blocked.store(b, Ordering::SeqCst);
+            if !b && let Some(w) = self.waiter.lock().unwrap().take() {
+                w.wake();
+            }
+        }
+        fn written(&self) -> Vec<String> {
+            self.written.lock().unwrap().clone()
+        }
+    }
+
+    impl Sink<Message> for Gate {
+        type Error = ();
+        fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            if self.blocked.load(Ordering::SeqCst) {
+                *self.waiter.lock().unwrap() = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+        fn start_send(self: Pin<&mut Self>, m: Message) -> Result<(), ()> {
+            if let Message::Text(t) = m {
+                self.written.lock().unwrap().push(t.to_string());
+            }
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            self.poll_ready(cx)
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn push(o: &Outbox<Gate>, s: &str) -> Result<(), Full> {
+        o.push(Utf8Bytes::from(s.to_string()))
+    }
+
+    #[tokio::test]
+    async fn frames_leave_in_push_order_across_the_direct_and_the_queued_path() {
+        let gate = Gate::default();
+        let o = Outbox::new(gate.clone(), 8);
+        let writer = tokio::spawn({
+            let o = o.clone();
+            async move { o.run().await }
+        });
+        push(&o, "a").unwrap();
+        assert_eq!(gate.written(), ["a"], "an open socket is written at once");
+        gate.set_blocked(true);
+        push(&o, "b").unwrap();
+        push(&o, "c").unwrap();
+        assert_eq!(gate.written(), ["a"]);
+        // The socket can take more again, but b and c are still queued: d
+        // must not overtake them.
+        gate.blocked.store(false, Ordering::SeqCst);
+        push(&o, "d").unwrap();
+        assert_eq!(gate.written(), ["a"], "nothing overtakes queued frames");
+        gate.set_blocked(false);
+        o.finish();
+        assert!(matches!(writer.await.unwrap(), Finished::Drained(_)));
+        assert_eq!(gate.written(), ["a", "b", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn a_blocked_socket_holds_at_most_cap_frames() {
+        let gate = Gate::default();
+        gate.set_blocked(true);
+        let o = Outbox::new(gate.clone(), 3);
+        for f in ["a", "b", "c"] {
+            push(&o, f).unwrap();
+        }
+        assert!(
+            push(&o, "d").is_err(),
+            "the fourth frame finds the queue full"
+        );
+        // Once taken away (a kick), frames are dropped, not queued.
+        assert!(o.take().is_some());
+        push(&o, "e").unwrap();
+        assert!(gate.written().is_empty());
     }
 }
