@@ -91,7 +91,7 @@ pub struct Limits {
     /// Token bucket size: sends allowed in a burst.
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 40)]
     pub rate_burst: u32,
-    /// Frames queued for one client before it counts as slow and is disconnected (close 1013).
+    /// Frames queued for one client while its socket takes no more, before it counts as slow and is disconnected (close 1013).
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
     /// Rooms one connection may join (error `too_many_rooms` above).
