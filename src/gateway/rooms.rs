@@ -276,6 +276,9 @@ impl Rooms {
     }
 
     /// Pushes one frame to every local member of `room`. Returns how many got it.
+    /// A `/ws` member's socket is written here, under the registry's lock for
+    /// the room: one `write` each, never a wait — a socket that cannot take
+    /// the frame at once gets it queued for its writer task.
     pub fn dispatch(&self, room: &RoomId, frame: Frame) -> usize {
         let Some(mut r) = self.rooms.get_mut(room) else {
             return 0;
