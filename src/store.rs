@@ -90,6 +90,20 @@ macro_rules! on_pool {
 /// connection in use within this window is as good as its last statement.
 const PING_IDLE: Duration = Duration::from_secs(10);
 
+/// The pools' `before_acquire`: pings a connection only when it sat idle for
+/// [`PING_IDLE`] or longer.
+fn ping_if_idle<C: sqlx::Connection>(
+    conn: &mut C,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> futures::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        if meta.idle_for >= PING_IDLE {
+            conn.ping().await?;
+        }
+        Ok(true)
+    })
+}
+
 /// Rows per SQLite INSERT statement: 8 parameters per row stays far below
 /// its bind-parameter limit (PostgreSQL takes a whole batch as arrays).
 const ROWS_PER_STATEMENT: usize = 1000;
@@ -368,14 +382,7 @@ impl Store {
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(10))
                 .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for >= PING_IDLE {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                })
+                .before_acquire(ping_if_idle)
                 .connect_with(opts)
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
@@ -385,14 +392,7 @@ impl Store {
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(5))
                 .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for >= PING_IDLE {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                })
+                .before_acquire(ping_if_idle)
                 .connect(url)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
