@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbox::{Finished, Outbox};
 use super::recovery::{self, Cursor, Recovery};
-use super::rooms::{ConnId, EnterError, Frame, Outlet};
+use super::rooms::{ConnId, EnterError, Frame, Outlet, kick_slow};
 use super::{Gateway, SendError};
 use crate::auth::{ConnSlot, RoomPolicy};
 use crate::protocol::{
@@ -70,8 +70,7 @@ impl Conn {
     /// slow: kick it.
     fn push(&self, f: Frame) {
         if self.out.push(f.text).is_err() {
-            metrics::counter!("ws_slow_client_kicks_total").increment(1);
-            self.kick.cancel();
+            kick_slow(&self.kick);
         }
     }
 

@@ -31,7 +31,7 @@ use crate::gateway::conn::{
     CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN,
     MAX_SENDS_IN_FLIGHT, next_conn_id, oversized, send_limiter, token_expiry,
 };
-use crate::gateway::rooms::{ConnId, EnterError, Frame as RoomFrame, Outlet};
+use crate::gateway::rooms::{ConnId, EnterError, Frame as RoomFrame, Outlet, kick_slow};
 use crate::gateway::{Gateway, SendError};
 use crate::protocol::{ErrorCode, PresenceEvent, RoomId, RoomKind, valid_user};
 
@@ -129,8 +129,7 @@ struct Session {
 impl Session {
     fn push(&self, s: String) {
         if self.ctl.try_send(s).is_err() {
-            metrics::counter!("ws_slow_client_kicks_total").increment(1);
-            self.kick.cancel();
+            kick_slow(&self.kick);
         }
     }
 
