@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A/B of two relay builds on the same workload, alternating old/new so the
 # machine's drift hits both alike; prints p50/p99, refused sends, live loss and
-# duplication, and PostgreSQL deadlocks of each run's database.
+# duplication, PostgreSQL deadlocks of each run's database, and the CPU of the
+# relays (summed), the broker and PostgreSQL.
 #
 #   loadtest/ab.sh OLD_BIN NEW_BIN [BACKENDS] [SECONDS] [ROUNDS]
 #   loadtest/ab.sh /tmp/chat-relay-old target/release/chat-relay rabbitmq,kafka 30 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p loadtest/results
 old=$1 new=$2 backends=${3:-rabbitmq,kafka} secs=${4:-30} rounds=${5:-2}
 for i in $(seq 1 "$rounds"); do
   for v in old new; do
@@ -20,7 +22,8 @@ import json, subprocess, sys
 d, v, backends = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 run = d.rstrip("/").split("/")[-1]
 for b in backends:
-    f = json.load(open(f"{d}/{b}.json"))["fanout"]
+    j = json.load(open(f"{d}/{b}.json"))
+    f = j["fanout"]
     raw = f.get("raw", f)
     db = f"bench_{b.replace('-', '_')}_{run}"
     dl = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-Atc",
@@ -28,7 +31,9 @@ for b in backends:
                         capture_output=True, text=True).stdout.strip()
     e = raw["e2e_ms"]
     print(f"{v} {b}: p50 {e['p50']} ms, p99 {e['p99']} ms, acked {raw.get('acked')}, refused {raw.get('errors')}, "
-          f"lost {raw.get('lost')}, dup {raw.get('duplicates')}, deadlocks {dl}", flush=True)
+          f"lost {raw.get('lost')}, dup {raw.get('duplicates')}, deadlocks {dl}; CPU % relay "
+          f"{sum(j.get('relay_cpu_pct', {}).values()):.1f}, broker {j.get('broker_cpu_pct')}, "
+          f"PostgreSQL {j.get('db_cpu_pct')}", flush=True)
 PY
   done
 done

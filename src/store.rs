@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Row};
 
@@ -226,9 +226,9 @@ impl<'a> Tally<'a> {
 /// one round trip per message and four per user (a batch of N messages from
 /// U users in R rooms: N + R + 3U statements and more, now 5–6). Rows are
 /// written in key order, so two analytics
-/// consumers never lock the same rows in different orders. The statements
-/// that read a table by the batch's keys are planned per call
-/// (`persistent(false)`), for the reason given at [`Store::settle_sends`].
+/// consumers never lock the same rows in different orders. Like every
+/// statement on PostgreSQL, they are planned with the batch's real keys at
+/// each call (`plan_cache_mode`, see [`Store::connect`]).
 async fn apply_analytics_pg(
     p: &PgPool,
     batch: &[ChatMessage],
@@ -316,7 +316,6 @@ async fn apply_analytics_pg(
            (SELECT f.flagged_at FROM flood_flags f WHERE f.room = u.room AND f.user_name = u.user_name) \
          FROM UNNEST($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS u(room, user_name, last_sec, i)",
     )
-    .persistent(false)
     .bind(&u_room)
     .bind(&u_user)
     .bind(&last_sec)
@@ -388,12 +387,24 @@ impl Store {
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
             Store::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            // Statements are prepared once per connection (sqlx's statement
+            // cache: one round trip per call instead of two), but planned with
+            // each call's values: PostgreSQL's default switches a prepared
+            // statement to a generic plan after five calls, and a generic plan
+            // made while `send_dedupe` is small keeps a hash join over a
+            // sequential scan of the whole table for every settle and claim —
+            // measured: 7,084 scans reading 60 million rows in a 30 s run at
+            // 1,000 msg/s, most of the database's CPU. Planned with the real
+            // keys and table size, each is an index lookup per key.
+            // `tests/store_bounds.rs` counts the scans.
+            let opts = PgConnectOptions::from_str(url)?
+                .options([("plan_cache_mode", "force_custom_plan")]);
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(5))
                 .test_before_acquire(false)
                 .before_acquire(ping_if_idle)
-                .connect(url)
+                .connect_with(opts)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
             Store::Postgres(pool)
@@ -1096,8 +1107,6 @@ impl Store {
              SELECT false AS head, id AS key, 0::bigint AS seq, ''::text AS epoch FROM claimed \
              UNION ALL SELECT true, room, seq, epoch FROM heads",
         )
-        // Planned at every call, not prepared once: see `settle_sends`.
-        .persistent(false)
         .bind(&rooms)
         .bind(&users)
         .bind(&cids)
@@ -1138,14 +1147,9 @@ impl Store {
         failed: &[SendKey],
     ) -> Result<(), StoreError> {
         match self {
-            // The two statements join the keys against `send_dedupe` and are
-            // planned at every call (`persistent(false)`), not prepared once:
-            // a prepared statement's generic plan is made while the table is
-            // small or new, and PostgreSQL then keeps a hash join over a
-            // sequential scan of the whole table for every settle — measured:
-            // 7,084 scans reading 60 million rows in a 30 s run at 1,000
-            // msg/s, most of the database's CPU. Planned with the real keys
-            // and table size, it is an index lookup per key.
+            // The two statements join the keys against `send_dedupe`; they
+            // must be planned with the real keys at each call, which the
+            // connection's `plan_cache_mode` ensures (see `Store::connect`).
             Store::Postgres(p) => {
                 fn cols(keys: &[SendKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
                     let room: Vec<&str> = keys.iter().map(|k| k.room.as_str()).collect();
@@ -1160,7 +1164,6 @@ impl Store {
                          FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(room, user_name, cid) \
                          WHERE d.room = u.room AND d.user_name = u.user_name AND d.cid = u.cid",
                     )
-                    .persistent(false)
                     .bind(room)
                     .bind(user)
                     .bind(cid)
@@ -1174,7 +1177,6 @@ impl Store {
                          USING UNNEST($1::text[], $2::text[], $3::text[]) AS u(room, user_name, cid) \
                          WHERE d.room = u.room AND d.user_name = u.user_name AND d.cid = u.cid",
                     )
-                    .persistent(false)
                     .bind(room)
                     .bind(user)
                     .bind(cid)

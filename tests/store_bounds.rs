@@ -431,3 +431,78 @@ async fn sequencer_bursts_of_two_gateways_never_deadlock_postgres() {
         .expect("some");
     assert_eq!(head.seq, 300);
 }
+
+/// Sequential and index scans of `send_dedupe` so far, as far as the
+/// backends have reported them.
+async fn dedupe_scans(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0) \
+         FROM pg_stat_user_tables WHERE relname = 'send_dedupe'",
+    )
+    .fetch_one(conn)
+    .await
+    .expect("stats")
+}
+
+/// Scans of `send_dedupe` once at least `at_least` are reported and the
+/// counts stopped moving: each backend flushes its counters about a second
+/// after it goes idle. Gives up waiting after 30 s.
+async fn reported_scans(conn: &mut sqlx::PgConnection, at_least: i64) -> (i64, i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = dedupe_scans(conn).await;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let now = dedupe_scans(conn).await;
+        let done = now == last && now.0 + now.1 >= at_least;
+        if done || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Settles stay index lookups once `send_dedupe` is large, however many
+/// times the statement ran while it was small. PostgreSQL's default plan
+/// cache switches a prepared statement to a generic plan after five calls;
+/// made on a small table, that plan scans the whole table on every settle
+/// (measured: most of the database's CPU at 1,000 msg/s). `Store::connect`
+/// sets `plan_cache_mode = force_custom_plan`, so each call is planned with
+/// its keys. Checked by removing that option: this test then counts a
+/// sequential scan per settle.
+#[tokio::test]
+async fn settles_never_scan_send_dedupe_postgres() {
+    use sqlx::Connection;
+    let db = pg_db().await;
+    let store = Store::connect(&db).await.expect("store");
+    let room = RoomId::parse("chat.plan").expect("room");
+    // Bursts of 50 keys while the table is empty: a hash join over a scan
+    // of the (empty) table is their cheapest plan, so PostgreSQL's default
+    // would switch to that plan as the generic one and keep it.
+    const WARM: i64 = 40;
+    for i in 0..WARM {
+        let k: Vec<SendKey> = (0..50)
+            .map(|j| key(&room, &format!("warm{i}.{j}")))
+            .collect();
+        store.settle_sends(&k, &k).await.expect("settle");
+    }
+    let mut conn = sqlx::PgConnection::connect(&db).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO send_dedupe (room, user_name, cid, id, state, created_at) \
+         SELECT 'chat.plan', 'u', 'c' || g, 'id' || g, 'pending', 0 \
+         FROM generate_series(1, 50000) g",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("fill");
+    // At least the warm-up's two statements per settle.
+    let (seq0, idx0) = reported_scans(&mut conn, 2 * WARM).await;
+    const SETTLES: i64 = 30;
+    for i in 0..SETTLES {
+        let k = [key(&room, &format!("c{}", i * 7 + 1))];
+        store.settle_sends(&k, &[]).await.expect("settle");
+    }
+    let (seq, idx) = reported_scans(&mut conn, seq0 + idx0 + SETTLES).await;
+    let (seq, idx) = (seq - seq0, idx - idx0);
+    assert!(idx >= SETTLES, "settles not counted: {seq} seq, {idx} idx");
+    assert_eq!(seq, 0, "sequential scans of send_dedupe by settles");
+}
