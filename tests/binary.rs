@@ -7,13 +7,31 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The two tests run one at a time: each finds its port by binding port 0 and
+/// letting it go, and two at once could be handed the same port.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Relay {
     child: Child,
     port: u16,
 }
 
 impl Relay {
-    fn start(dir: &std::path::Path, extra: &[(&str, &str)]) -> Relay {
+    /// Starts the binary on a free port and waits until it answers
+    /// `/healthz`. The port is found by binding port 0 and letting it go, so
+    /// another process may take it before the binary binds it: then the
+    /// binary exits, and this starts it again on another port.
+    async fn start(dir: &std::path::Path, extra: &[(&str, &str)]) -> Relay {
+        for _ in 0..5 {
+            let mut relay = Relay::spawn(dir, extra);
+            if relay.wait_healthy().await {
+                return relay;
+            }
+        }
+        panic!("the binary did not start on a free port in 5 tries");
+    }
+
+    fn spawn(dir: &std::path::Path, extra: &[(&str, &str)]) -> Relay {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -43,18 +61,24 @@ impl Relay {
         path: &str,
         headers: &[(&str, &str)],
     ) -> (u16, Vec<(String, String)>, String) {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .expect("connect");
+        self.try_get(path, headers).await.expect("GET")
+    }
+
+    async fn try_get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<(u16, Vec<(String, String)>, String)> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
         let extra: String = headers
             .iter()
             .map(|(k, v)| format!("{k}: {v}\r\n"))
             .collect();
         let req =
             format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n");
-        s.write_all(req.as_bytes()).await.expect("write");
+        s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.expect("read");
+        s.read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let mut lines = head.lines();
@@ -67,18 +91,24 @@ impl Relay {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
-        (status, hdrs, body.to_string())
+        Ok((status, hdrs, body.to_string()))
     }
 
-    async fn wait_healthy(&self) {
+    /// True once this binary answers `/healthz`; false if it exited first
+    /// (its port was taken). Whoever holds the port, only a live child
+    /// counts.
+    async fn wait_healthy(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            let healthy = self
+                .try_get("/healthz", &[])
                 .await
-                .is_ok()
-                && self.get("/healthz", &[]).await.0 == 200
-            {
-                return;
+                .is_ok_and(|(status, _, _)| status == 200);
+            if healthy && matches!(self.child.try_wait(), Ok(None)) {
+                return true;
             }
             assert!(
                 Instant::now() < deadline,
@@ -112,9 +142,9 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn the_binary_serves_its_embedded_page_from_any_directory() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = Relay::start(dir.path(), &[]);
-    relay.wait_healthy().await;
+    let relay = Relay::start(dir.path(), &[]).await;
 
     let (status, h, body) = relay.get("/", &[]).await;
     assert_eq!(status, 200);
@@ -142,12 +172,12 @@ async fn the_binary_serves_its_embedded_page_from_any_directory() {
 
 #[tokio::test]
 async fn static_dir_overrides_the_embedded_page() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let site = dir.path().join("site");
     std::fs::create_dir(&site).expect("mkdir");
     std::fs::write(site.join("index.html"), "<p>development copy</p>").expect("write");
-    let relay = Relay::start(dir.path(), &[("STATIC_DIR", site.to_str().expect("path"))]);
-    relay.wait_healthy().await;
+    let relay = Relay::start(dir.path(), &[("STATIC_DIR", site.to_str().expect("path"))]).await;
     let (status, _, body) = relay.get("/", &[]).await;
     assert_eq!((status, body.as_str()), (200, "<p>development copy</p>"));
     assert!(relay.terminate().success());
