@@ -100,14 +100,16 @@ impl Relay {
     async fn wait_healthy(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
             let healthy = self
                 .try_get("/healthz", &[])
                 .await
                 .is_ok_and(|(status, _, _)| status == 200);
-            if healthy && matches!(self.child.try_wait(), Ok(None)) {
+            // Checked after the probe, so a healthy answer from whoever else
+            // holds the port never counts once this child has exited.
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if healthy {
                 return true;
             }
             assert!(
