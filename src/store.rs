@@ -69,7 +69,9 @@ async fn migration_lock(
 #[derive(Clone, Debug)]
 pub enum Store {
     Sqlite(SqlitePool),
-    Postgres(PgPool),
+    /// Every statement's pool, and the sequencer's own connection for its
+    /// key lookups (planned once, see [`Store::connect`]).
+    Postgres(PgPool, PgPool),
 }
 
 /// Runs the same code against whichever pool this store has.
@@ -77,7 +79,7 @@ macro_rules! on_pool {
     ($self:expr, $pool:ident => $body:expr) => {
         match $self {
             Store::Sqlite($pool) => $body,
-            Store::Postgres($pool) => $body,
+            Store::Postgres($pool, _) => $body,
         }
     };
 }
@@ -397,17 +399,41 @@ impl Store {
             // 1,000 msg/s, most of the database's CPU. Planned with the real
             // keys and table size, each is an index lookup per key.
             // `tests/store_bounds.rs` counts the scans.
-            let opts = PgConnectOptions::from_str(url)?
-                .options([("plan_cache_mode", "force_custom_plan")]);
+            let opts = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(5))
                 .test_before_acquire(false)
                 .before_acquire(ping_if_idle)
-                .connect_with(opts)
+                .connect_with(
+                    opts.clone()
+                        .options([("plan_cache_mode", "force_custom_plan")]),
+                )
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-            Store::Postgres(pool)
+            // The sequencer's statements run once per burst, on the hot path
+            // of every send, and are nothing but lookups of unique keys
+            // (`send_dedupe`, `room_seq`) for a list of keys. Planned at
+            // each call, planning cost twice the execution (`pg_stat_statements`
+            // over a 30 s run at 1,000 msg/s: 6.1 s planning, 2.7 s executing
+            // the burst); planned once, the database's CPU in that run fell
+            // from 49 % to 31–33 % of a core (BENCHMARKS.md). On their own
+            // connection they are planned once, and the plan cannot
+            // be the scan above: with hash and merge joins and sequential
+            // scans off, the only join left is a nested loop over the keys
+            // probing the primary key, which is right at any table size.
+            let keyed = PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(5))
+                .test_before_acquire(false)
+                .before_acquire(ping_if_idle)
+                .connect_lazy_with(opts.options([
+                    ("plan_cache_mode", "force_generic_plan"),
+                    ("enable_hashjoin", "off"),
+                    ("enable_mergejoin", "off"),
+                    ("enable_seqscan", "off"),
+                ]));
+            Store::Postgres(pool, keyed)
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
@@ -417,14 +443,14 @@ impl Store {
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "sqlite",
-            Store::Postgres(_) => "postgres",
+            Store::Postgres(..) => "postgres",
         }
     }
 
     /// Rewrites PostgreSQL-dialect SQL for SQLite.
     fn sql(&self, pg: &str) -> String {
         match self {
-            Store::Postgres(_) => pg.to_string(),
+            Store::Postgres(..) => pg.to_string(),
             Store::Sqlite(_) => pg.replace('$', "?").replace("GREATEST(", "MAX("),
         }
     }
@@ -435,7 +461,13 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        on_pool!(self, p => p.close().await)
+        match self {
+            Store::Sqlite(p) => p.close().await,
+            Store::Postgres(p, keyed) => {
+                keyed.close().await;
+                p.close().await;
+            }
+        }
     }
 
     /// Inserts a batch in one transaction; returns how many rows were new
@@ -451,7 +483,7 @@ impl Store {
             // row count, chunks and BEGIN/COMMIT round trips). Same raw rows/s
             // here (PostgreSQL's index upkeep dominates), but the worker's lag
             // at 50,000 rows/s fell from ~2 s to ~0.1 s (BENCHMARKS.md).
-            Store::Postgres(p) => {
+            Store::Postgres(p, _) => {
                 let column = |f: fn(&ChatMessage) -> &str| batch.iter().map(f).collect::<Vec<_>>();
                 let ts: Vec<i64> = batch.iter().map(|m| m.ts).collect();
                 let seq: Vec<Option<i64>> = batch.iter().map(|m| m.seq).collect();
@@ -592,7 +624,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        if let Store::Postgres(p) = self {
+        if let Store::Postgres(p, _) = self {
             return apply_analytics_pg(p, batch, flood_max).await;
         }
         let seen_sql = self.sql(
@@ -746,7 +778,7 @@ impl Store {
         }
         let epoch = || ulid::Ulid::new().to_string().to_lowercase();
         match self {
-            Store::Postgres(p) => {
+            Store::Postgres(p, _) => {
                 // Rows are locked in the order given: in room order, so two
                 // gateways' batches over the same rooms queue behind each
                 // other instead of deadlocking (PostgreSQL would hold both
@@ -952,7 +984,7 @@ impl Store {
         let now = now_ms();
         // Message ids are unique: a claim is new when its id went in.
         let inserted: HashSet<String> = match self {
-            Store::Postgres(p) => {
+            Store::Postgres(p, _) => {
                 let rooms: Vec<&str> = claims.iter().map(|c| c.room.as_str()).collect();
                 let users: Vec<&str> = claims.iter().map(|c| c.user).collect();
                 let cids: Vec<&str> = claims.iter().map(|c| c.cid).collect();
@@ -1028,7 +1060,7 @@ impl Store {
         }
         let now = now_ms();
         let p = match self {
-            Store::Postgres(p) => p,
+            Store::Postgres(_, keyed) => keyed,
             Store::Sqlite(_) => {
                 if !acked.is_empty() {
                     self.settle_sends(acked, &[]).await?;
@@ -1147,10 +1179,10 @@ impl Store {
         failed: &[SendKey],
     ) -> Result<(), StoreError> {
         match self {
-            // The two statements join the keys against `send_dedupe`; they
-            // must be planned with the real keys at each call, which the
-            // connection's `plan_cache_mode` ensures (see `Store::connect`).
-            Store::Postgres(p) => {
+            // The two statements join the keys against `send_dedupe`: on the
+            // sequencer's connection that is always a primary-key probe per
+            // key (see `Store::connect`).
+            Store::Postgres(_, p) => {
                 fn cols(keys: &[SendKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
                     let room: Vec<&str> = keys.iter().map(|k| k.room.as_str()).collect();
                     let user: Vec<&str> = keys.iter().map(|k| k.user.as_str()).collect();
@@ -1366,7 +1398,7 @@ impl Store {
         let list = serde_json::to_string(&rooms.iter().map(RoomId::as_str).collect::<Vec<_>>())
             .map_err(|e| StoreError::Db(sqlx::Error::Protocol(e.to_string())))?;
         let within = match self {
-            Store::Postgres(_) => "SELECT json_array_elements_text($1::json)",
+            Store::Postgres(..) => "SELECT json_array_elements_text($1::json)",
             Store::Sqlite(_) => "SELECT value FROM json_each($1)",
         };
         let sql = self.sql(&format!(

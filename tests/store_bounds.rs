@@ -461,14 +461,15 @@ async fn reported_scans(conn: &mut sqlx::PgConnection, at_least: i64) -> (i64, i
     }
 }
 
-/// Settles stay index lookups once `send_dedupe` is large, however many
-/// times the statement ran while it was small. PostgreSQL's default plan
-/// cache switches a prepared statement to a generic plan after five calls;
-/// made on a small table, that plan scans the whole table on every settle
-/// (measured: most of the database's CPU at 1,000 msg/s). `Store::connect`
-/// sets `plan_cache_mode = force_custom_plan`, so each call is planned with
-/// its keys. Checked by removing that option: this test then counts a
-/// sequential scan per settle.
+/// The sequencer's statements (settles, and the burst with confirmations
+/// riding along) stay index lookups once `send_dedupe` is large, however
+/// many times they ran while it was small. A plan made on a small table
+/// scans the whole table on every call (measured: most of the database's
+/// CPU at 1,000 msg/s); PostgreSQL's default makes such a generic plan after
+/// five calls and keeps it. The sequencer's connection plans its statements
+/// once, generically, with hash and merge joins and sequential scans off
+/// (`Store::connect`). Checked by removing those three settings: this test
+/// then counts a sequential scan per statement.
 #[tokio::test]
 async fn settles_never_scan_send_dedupe_postgres() {
     use sqlx::Connection;
@@ -476,14 +477,19 @@ async fn settles_never_scan_send_dedupe_postgres() {
     let store = Store::connect(&db).await.expect("store");
     let room = RoomId::parse("chat.plan").expect("room");
     // Bursts of 50 keys while the table is empty: a hash join over a scan
-    // of the (empty) table is their cheapest plan, so PostgreSQL's default
-    // would switch to that plan as the generic one and keep it.
+    // of the (empty) table is their cheapest plan.
     const WARM: i64 = 40;
     for i in 0..WARM {
         let k: Vec<SendKey> = (0..50)
             .map(|j| key(&room, &format!("warm{i}.{j}")))
             .collect();
         store.settle_sends(&k, &k).await.expect("settle");
+        let id = format!("warm-id{i}");
+        let sends = [SeqSend {
+            room: &room,
+            claim: Some(("u", "warm", id.as_str())),
+        }];
+        store.sequence(&sends, &k).await.expect("sequence");
     }
     let mut conn = sqlx::PgConnection::connect(&db).await.expect("connect");
     sqlx::query(
@@ -494,15 +500,25 @@ async fn settles_never_scan_send_dedupe_postgres() {
     .execute(&mut conn)
     .await
     .expect("fill");
-    // At least the warm-up's two statements per settle.
-    let (seq0, idx0) = reported_scans(&mut conn, 2 * WARM).await;
-    const SETTLES: i64 = 30;
-    for i in 0..SETTLES {
+    // At least the warm-up's two settle statements and its burst's update.
+    let (seq0, idx0) = reported_scans(&mut conn, 3 * WARM).await;
+    const CALLS: i64 = 30;
+    for i in 0..CALLS {
         let k = [key(&room, &format!("c{}", i * 7 + 1))];
         store.settle_sends(&k, &[]).await.expect("settle");
+        let (cid, id) = (format!("new{i}"), format!("new-id{i}"));
+        let sends = [SeqSend {
+            room: &room,
+            claim: Some(("u", cid.as_str(), id.as_str())),
+        }];
+        let rode = [key(&room, &format!("c{}", i * 7 + 2))];
+        store.sequence(&sends, &rode).await.expect("sequence");
     }
-    let (seq, idx) = reported_scans(&mut conn, seq0 + idx0 + SETTLES).await;
+    let (seq, idx) = reported_scans(&mut conn, seq0 + idx0 + 2 * CALLS).await;
     let (seq, idx) = (seq - seq0, idx - idx0);
-    assert!(idx >= SETTLES, "settles not counted: {seq} seq, {idx} idx");
-    assert_eq!(seq, 0, "sequential scans of send_dedupe by settles");
+    assert!(
+        idx >= 2 * CALLS,
+        "lookups not counted: {seq} seq, {idx} idx"
+    );
+    assert_eq!(seq, 0, "sequential scans of send_dedupe by the sequencer");
 }
