@@ -1,7 +1,8 @@
-//! A private tansu (Kafka-protocol broker) on a free port with SQLite storage,
-//! for tests that kill and restart the broker: unlike the shared broker's
-//! memory storage, the SQLite file keeps topics, the log and committed
-//! offsets across the restart, as a real Kafka broker's disk does.
+//! A private tansu (Kafka-protocol broker) on a free port, for tests that
+//! kill, restart or stall the broker. With SQLite storage ([`TansuServer::start`])
+//! the file keeps topics, the log and committed offsets across a restart, as
+//! a real Kafka broker's disk does; with memory storage
+//! ([`TansuServer::start_memory`]) it is the shared broker's engine.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -12,10 +13,20 @@ pub struct TansuServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    memory: bool,
 }
 
 impl TansuServer {
     pub async fn start() -> TansuServer {
+        Self::start_with(false).await
+    }
+
+    /// Memory storage, as the shared broker runs (nothing survives a restart).
+    pub async fn start_memory() -> TansuServer {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(memory: bool) -> TansuServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -24,6 +35,7 @@ impl TansuServer {
             port,
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            memory,
         };
         s.restart().await;
         s
@@ -40,7 +52,11 @@ impl TansuServer {
         });
         let url = format!("tcp://127.0.0.1:{}", self.port);
         // Four slashes: tansu drops the URL's leading "/" from the path.
-        let storage = format!("sqlite:///{}/tansu.db", self.dir.path().display());
+        let storage = if self.memory {
+            "memory://tansu/".to_string()
+        } else {
+            format!("sqlite:///{}/tansu.db", self.dir.path().display())
+        };
         let log = std::fs::File::create(self.dir.path().join("tansu.log")).expect("log");
         let child = Command::new(&bin)
             .args([
@@ -68,10 +84,7 @@ impl TansuServer {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let log = std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default();
-        panic!(
-            "tansu with SQLite storage did not listen on {}: {log}",
-            self.port
-        );
+        panic!("tansu did not listen on {}: {log}", self.port);
     }
 
     /// SIGKILL: no clean shutdown, as in a crash.
@@ -80,5 +93,19 @@ impl TansuServer {
             let _ = c.kill().await;
             let _ = c.wait().await;
         }
+    }
+
+    /// SIGSTOP / SIGCONT: the broker stops answering without closing a
+    /// connection, as a broker stalled by GC, disk or an overloaded host.
+    pub fn pause(&self, stopped: bool) {
+        let Some(pid) = self.child.as_ref().and_then(|c| c.id()) else {
+            return;
+        };
+        let sig = if stopped { "-STOP" } else { "-CONT" };
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} failed");
     }
 }
