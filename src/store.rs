@@ -14,8 +14,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
+use sqlx::{Postgres, Sqlite};
 use sqlx::{QueryBuilder, Row};
 
 use crate::protocol::{ChatMessage, MessageKind, RoomId};
@@ -104,6 +105,17 @@ fn ping_if_idle<C: sqlx::Connection>(
         }
         Ok(true)
     })
+}
+
+/// The options every pool shares: `max` connections, `acquire` timeout, and
+/// a ping only after [`PING_IDLE`] ([`ping_if_idle`]) instead of sqlx's ping
+/// before every statement.
+fn pool_options<DB: sqlx::Database>(max: u32, acquire: Duration) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(acquire)
+        .test_before_acquire(false)
+        .before_acquire(ping_if_idle::<DB::Connection>)
 }
 
 /// Rows per SQLite INSERT statement: 8 parameters per row stays far below
@@ -379,11 +391,7 @@ impl Store {
             // migrations: hold an exclusive lock on a file beside the
             // database while opening and migrating it.
             let _lock = migration_lock(opts_filename(url)).await?;
-            let pool = SqlitePoolOptions::new()
-                .max_connections(4)
-                .acquire_timeout(Duration::from_secs(10))
-                .test_before_acquire(false)
-                .before_acquire(ping_if_idle)
+            let pool = pool_options::<Sqlite>(4, Duration::from_secs(10))
                 .connect_with(opts)
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
@@ -393,18 +401,17 @@ impl Store {
             // cache: one round trip per call instead of two), but planned with
             // each call's values: PostgreSQL's default switches a prepared
             // statement to a generic plan after five calls, and a generic plan
-            // made while `send_dedupe` is small keeps a hash join over a
-            // sequential scan of the whole table for every settle and claim —
-            // measured: 7,084 scans reading 60 million rows in a 30 s run at
-            // 1,000 msg/s, most of the database's CPU. Planned with the real
-            // keys and table size, each is an index lookup per key.
-            // `tests/store_bounds.rs` counts the scans.
+            // made while a table is small keeps what is cheap on a small
+            // table — for the settles, a hash join over a sequential scan of
+            // the whole `send_dedupe` table at every call (measured: 7,084
+            // scans reading 60 million rows in a 30 s run at 1,000 msg/s,
+            // most of the database's CPU). The settles have since moved to the
+            // sequencer's connection below; the statements left here (the
+            // workers' batches, history, presence, the claim slow path) run
+            // once per batch, join or retry, not once per send, so planning
+            // them with their real keys costs little.
             let opts = PgConnectOptions::from_str(url)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(5))
-                .test_before_acquire(false)
-                .before_acquire(ping_if_idle)
+            let pool = pool_options::<Postgres>(8, Duration::from_secs(5))
                 .connect_with(
                     opts.clone()
                         .options([("plan_cache_mode", "force_custom_plan")]),
@@ -422,17 +429,15 @@ impl Store {
             // be the scan above: with hash and merge joins and sequential
             // scans off, the only join left is a nested loop over the keys
             // probing the primary key, which is right at any table size.
-            let keyed = PgPoolOptions::new()
-                .max_connections(2)
-                .acquire_timeout(Duration::from_secs(5))
-                .test_before_acquire(false)
-                .before_acquire(ping_if_idle)
-                .connect_lazy_with(opts.options([
+            // `tests/store_bounds.rs` counts the scans.
+            let keyed = pool_options::<Postgres>(2, Duration::from_secs(5)).connect_lazy_with(
+                opts.options([
                     ("plan_cache_mode", "force_generic_plan"),
                     ("enable_hashjoin", "off"),
                     ("enable_mergejoin", "off"),
                     ("enable_seqscan", "off"),
-                ]));
+                ]),
+            );
             Store::Postgres(pool, keyed)
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
