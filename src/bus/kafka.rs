@@ -210,11 +210,14 @@ fn current(slot: &ProducerSlot) -> FutureProducer {
 /// producer's epoch (librdkafka asks after a delivery timed out), every
 /// record of the affected gateway failed with `ProducerFenced` from then on —
 /// 15,120 of 30,000 sends in a fault run — and `fatal_error()` stayed empty.
-fn fenced(e: &rdkafka::error::KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
-    )
+/// Returns the code and the reason when it does.
+fn fenced(e: &rdkafka::error::KafkaError) -> Option<(RDKafkaErrorCode, String)> {
+    match e.rdkafka_error_code()? {
+        code @ (RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch) => {
+            Some((code, e.to_string()))
+        }
+        _ => None,
+    }
 }
 
 /// Recreates the producer if `failed` (the one that just failed) hit a fatal
@@ -226,13 +229,12 @@ fn replace_if_dead(
     failed: &FutureProducer,
     error: Option<&rdkafka::error::KafkaError>,
 ) {
-    let (code, reason) = match (failed.client().fatal_error(), error) {
-        (Some((code, reason)), _) => (code, reason),
-        (None, Some(e)) if fenced(e) => match e.rdkafka_error_code() {
-            Some(code) => (code, e.to_string()),
-            None => return,
-        },
-        _ => return,
+    let Some((code, reason)) = failed
+        .client()
+        .fatal_error()
+        .or_else(|| error.and_then(fenced))
+    else {
+        return;
     };
     let mut guard = match slot.write() {
         Ok(g) => g,
@@ -255,13 +257,11 @@ fn replace_if_dead(
 /// Whether a refused send may be logged now: at most one line a second, so
 /// an outage does not flood the log (the metric counts every refusal).
 fn refusal_log_due() -> bool {
-    static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-    let now = chrono::Utc::now().timestamp_millis();
-    let last = LAST_MS.load(Ordering::Relaxed);
-    now - last >= 1000
-        && LAST_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+    static LOG: std::sync::LazyLock<governor::DefaultDirectRateLimiter> =
+        std::sync::LazyLock::new(|| {
+            governor::RateLimiter::direct(governor::Quota::per_second(std::num::NonZeroU32::MIN))
+        });
+    LOG.check().is_ok()
 }
 
 /// How long a produce waits for room in librdkafka's local queue before it
