@@ -6,15 +6,21 @@
 #
 #   loadtest/ab.sh OLD_BIN NEW_BIN [BACKENDS] [SECONDS] [ROUNDS]
 #   loadtest/ab.sh /tmp/chat-relay-old target/release/chat-relay rabbitmq,kafka 30 2
+#
+# AB_OLD_ENV / AB_NEW_ENV add environment to one side (the same binary twice
+# makes it an A/B of a setting):
+#   AB_NEW_ENV="KAFKA_WORKER_FETCH_WAIT_MAX_MS=50" loadtest/ab.sh target/release/chat-relay target/release/chat-relay kafka 30 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p loadtest/results
 old=$1 new=$2 backends=${3:-rabbitmq,kafka} secs=${4:-30} rounds=${5:-2}
 for i in $(seq 1 "$rounds"); do
   for v in old new; do
-    bin=$old; [ "$v" = new ] && bin=$new
+    bin=$old extra=${AB_OLD_ENV:-}
+    [ "$v" = new ] && bin=$new extra=${AB_NEW_ENV:-}
     out=loadtest/results/ab-$v-$i
-    CHAT_RELAY_BIN=$(realpath "$bin") python3 loadtest/compare.py --profile full --generator loadgen \
+    # shellcheck disable=SC2086 # word splitting of NAME=VALUE pairs is the point
+    env $extra CHAT_RELAY_BIN=$(realpath "$bin") python3 loadtest/compare.py --profile full --generator loadgen \
       --backends "$backends" --no-fault --no-ceiling --seconds "$secs" --out "$out" >"$out.log" 2>&1
     d=$(ls -d "$out"/*/ | tail -1)
     python3 - "$d" "$v" "$backends" <<'PY'

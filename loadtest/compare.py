@@ -28,13 +28,14 @@ it) and chart.svg.
     loadtest/compare.py --profile full --generator loadgen   # the README's table
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 
-from relaylib import ROOT, TANSU_PROFILE, Relay, build, cpu_seconds, fanout, psql, rss_mb
+from relaylib import ROOT, TANSU_PROFILE, CpuCap, Relay, build, cpu_seconds, fanout, psql, rss_mb
 BROKERBENCH = os.path.join(ROOT, "target/release/brokerbench")
 PROFILES = {
     # rooms, subscribers per room, msgs/s, seconds, fault seconds
@@ -76,6 +77,25 @@ def drop_queues(prefix):
             subprocess.run(["rabbitmqctl", "delete_queue", q], capture_output=True)
 
 
+def drop_nats_stream(name, url=("127.0.0.1", 4222)):
+    """Deletes a nats run's JetStream stream (its file storage) from the
+    shared server, with JetStream's own API request over the plain NATS
+    protocol; a PING answered by PONG means the server has handled it."""
+    import socket
+    try:
+        with socket.create_connection(url, timeout=5) as s:
+            s.recv(4096)  # INFO
+            s.sendall(f'CONNECT {{"verbose":false}}\r\nPUB $JS.API.STREAM.DELETE.{name} 0\r\n\r\nPING\r\n'.encode())
+            got = b""
+            while b"PONG" not in got and b"-ERR" not in got:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+    except OSError as e:
+        print(f"   could not delete NATS stream {name}: {e}", flush=True)
+
+
 def db_rows(db, prefix):
     return int(psql(f"SELECT COUNT(*) FROM messages WHERE room LIKE 'chat.{prefix}-%'", db))
 
@@ -101,16 +121,23 @@ def db_pids():
     return [int(x) for x in out.split()]
 
 
-def ceiling(backend, p, outdir, inflight=None):
+def ceiling(backend, p, outdir, inflight=None, cap_pct=None):
     """The broker alone with the profile's traffic (`brokerbench e2e`), run
     with the same tansu profile as the relays. Returns its JSON plus the
-    command, or an error entry: a failed ceiling must not lose the relay's run."""
+    command, or an error entry: a failed ceiling must not lose the relay's run.
+
+    With `cap_pct` the broker's processes are held to that share of a core
+    for the run (`relaylib.CpuCap`): the broker alone with the CPU it got
+    under the relay run, where the relays, PostgreSQL and the generator
+    share the same cores. Set beside the relay's latency, it tells how much
+    of the relay's tail the broker has at that share by itself."""
     cmd = [BROKERBENCH, "e2e", "--backend", backend, "--rate", str(p["rate"]), "--seconds", str(p["run_s"]),
            "--rooms", str(p["rooms"]), "--instances", str(p.get("gateways", 2)), "--size", str(p["size"]),
            "--publishers", str(max(50, p["rate"] // 8))]
     if inflight:
         cmd += ["--inflight-per-room", str(inflight)]
-    print(f"== {backend}: broker alone, same traffic: {' '.join(cmd[1:])}", flush=True)
+    capped = f", broker held to {cap_pct} % of a core" if cap_pct else ""
+    print(f"== {backend}: broker alone, same traffic{capped}: {' '.join(cmd[1:])}", flush=True)
     env = dict(TANSU_PROFILE, **os.environ)
     # The broker's CPU over the ceiling run (setup and teardown included:
     # a few seconds of the run's length), to set beside its share of the
@@ -118,16 +145,22 @@ def ceiling(backend, p, outdir, inflight=None):
     brokers = broker_pids(backend)
     bcpu0, t0 = sum(cpu_seconds(pid) for pid in brokers), time.time()
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=p["run_s"] + 120)
+        with CpuCap(brokers, cap_pct) if cap_pct else contextlib.nullcontext():
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=p["run_s"] + 120)
     except subprocess.TimeoutExpired:
         return dict(error="brokerbench e2e timed out", command=" ".join(cmd[1:]))
+    except OSError as e:
+        return dict(error=f"cannot cap the broker's CPU: {e}", command=" ".join(cmd[1:]))
     broker_cpu = round(100 * (sum(cpu_seconds(pid) for pid in brokers) - bcpu0) / max(time.time() - t0, 1), 1)
-    with open(os.path.join(outdir, "logs", f"{backend}-ceiling.log"), "w") as f:
+    log = f"{backend}-ceiling-capped.log" if cap_pct else f"{backend}-ceiling.log"
+    with open(os.path.join(outdir, "logs", log), "w") as f:
         f.write(out.stderr)
     if out.returncode != 0:
         return dict(error=f"brokerbench e2e exited {out.returncode}: {out.stderr.strip()[-300:]}", command=" ".join(cmd[1:]))
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["command"] = " ".join(cmd[1:])
+    if cap_pct:
+        r["broker_capped_at_pct"] = cap_pct
     if brokers:
         r["broker_cpu_pct"] = broker_cpu
     print(f"   {out.stderr.strip().splitlines()[-1]}", flush=True)
@@ -240,8 +273,14 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
             drop_streams(f"bench-{stamp}:")
         if backend == "rabbitmq":
             drop_queues(f"bench-{stamp}")
+        if backend == "nats":
+            drop_nats_stream(f"bench-{stamp}")
     if ceiling_opts is not None and backend != "memory":
-        result["ceiling"] = ceiling(backend, p, outdir, **ceiling_opts)
+        opts = dict(ceiling_opts)
+        capped = opts.pop("capped", True)
+        result["ceiling"] = ceiling(backend, p, outdir, **opts)
+        if capped and result.get("broker_cpu_pct"):
+            result["ceiling_capped"] = ceiling(backend, p, outdir, cap_pct=result["broker_cpu_pct"], **opts)
     with open(os.path.join(outdir, f"{backend}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -329,7 +368,31 @@ def ceiling_table(results):
     inflight = {str(r["ceiling"].get("inflight_per_room") or "unlimited") for r in with_c}
     rows.append(f"\nBroker alone: publishes in flight per room per instance: {', '.join(sorted(inflight))}; "
                 "producers, consumers and workers in one process (`ceiling.command` in each <backend>.json).\n")
-    return "\n".join(rows)
+    return "\n".join(rows) + capped_table(results)
+
+
+def capped_table(results):
+    """The relay beside the broker alone held to the CPU share the broker
+    got under the relay run (empty when no run has one)."""
+    with_c = [r for r in results if "ceiling_capped" in r]
+    if not with_c:
+        return ""
+    rows = ["", "The broker alone with the CPU it got under the relay run (`brokerbench e2e`, same traffic, the "
+            "broker's processes held to that share of a core with a cgroup CPU quota, 10 ms period; the rest of "
+            "the machine idle but for brokerbench):", "",
+            "| backend | broker CPU under the relay run = cap | relay e2e p50 / p99 | broker alone at the cap: acked/s | p50 / p99 | relay / capped broker p99 |",
+            "|---|---|---|---|---|---|"]
+    for r in with_c:
+        e, c = r["fanout"]["e2e_ms"], r["ceiling_capped"]
+        if "error" in c:
+            rows.append(f"| {r['backend']} | {r.get('broker_cpu_pct')}% | {e['p50']:.1f} / {e['p99']:.1f} ms | failed: {c['error'][:80]} | | |")
+            continue
+        ce = c["e2e_ms"]
+        p99 = e["p99"] / ce["p99"] if ce["p99"] else float("nan")
+        rows.append(f"| {r['backend']} | {c['broker_capped_at_pct']}% (used {c.get('broker_cpu_pct', 'n/a')}%) "
+                    f"| {e['p50']:.1f} / {e['p99']:.1f} ms | {c['acked_per_s']:.0f} | {ce['p50']:.1f} / {ce['p99']:.1f} ms "
+                    f"| {p99:.1f}x |")
+    return "\n".join(rows) + "\n"
 
 
 def svg_chart(results, outdir):
@@ -376,6 +439,9 @@ def main():
     ap.add_argument("--seconds", type=int, help="override the profile's run length")
     ap.add_argument("--no-ceiling", action="store_true",
                     help="skip the broker-alone run (brokerbench e2e) after each broker backend")
+    ap.add_argument("--no-capped-ceiling", action="store_true",
+                    help="skip the second broker-alone run, with the broker held to the CPU share it got "
+                         "under the relay run")
     ap.add_argument("--ceiling-inflight-per-room", type=int, metavar="N",
                     help="brokerbench e2e --inflight-per-room (default: pipelined, no limit)")
     args = ap.parse_args()
@@ -393,7 +459,8 @@ def main():
     p = dict(PROFILES[args.profile], gateways=args.gateways, no_fault=args.no_fault)
     if args.seconds:
         p["run_s"] = args.seconds
-    ceiling_opts = None if args.no_ceiling else dict(inflight=args.ceiling_inflight_per_room)
+    ceiling_opts = None if args.no_ceiling else dict(inflight=args.ceiling_inflight_per_room,
+                                                       capped=not args.no_capped_ceiling)
     results = [run_backend(b.strip(), p, outdir, stamp, args.generator, ceiling_opts)
                for b in args.backends.split(",") if b.strip()]
     text = markdown(results, args, outdir)

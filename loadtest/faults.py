@@ -223,6 +223,7 @@ class Load:
                 return
             attempt += 1
             pending = {}
+            rtask = None
             try:
                 await ws.send(json.dumps({"type": "join", "room": room}))
                 next_at = time.time()
@@ -253,10 +254,15 @@ class Load:
                 deadline = time.time() + 6
                 while pending and time.time() < deadline and not rtask.done():
                     await asyncio.sleep(0.1)
-                rtask.cancel()
             except Exception:
                 pass
             finally:
+                if rtask is not None:
+                    # Collected, not left for the garbage collector: a reader
+                    # whose socket the fault killed ended with an exception,
+                    # which asyncio would print as "never retrieved".
+                    rtask.cancel()
+                    await asyncio.gather(rtask, return_exceptions=True)
                 self.unanswered += len(pending)
                 try:
                     await ws.close()
