@@ -18,7 +18,12 @@ for the same traffic (`brokerbench e2e`: same rate, rooms, size and seconds,
 two instances' producers and live consumers plus the two worker groups, with
 the raw client libraries and the relay's settings, no relay): its acked/s and
 p50/p99 go into <backend>.json ("ceiling") and a second table in summary.md,
-beside the relay's figures. --no-ceiling skips it.
+beside the relay's figures. --no-ceiling skips it. A second broker-alone run
+holds the broker's processes to the CPU share they got under the relay run
+(a cgroup quota; "ceiling_capped", a third table; --no-capped-ceiling skips
+it): on a machine the relays, PostgreSQL and the generator share with the
+broker, it tells how much of the relay's latency the broker has by itself
+with the CPU it had.
 
 Output: loadtest/results/<run>/<backend>.json, summary.md (table + how to read
 it) and chart.svg.
@@ -341,17 +346,23 @@ def split_table(results):
     return "\n".join(rows) + "\n"
 
 
+def table_head(caption, columns):
+    """A summary.md table's caption, header and separator lines."""
+    return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def ceiling_table(results):
     """The relay beside the broker alone with the same traffic (empty when no
     run has a ceiling)."""
     with_c = [r for r in results if "ceiling" in r]
     if not with_c:
         return ""
-    rows = ["", "Relay vs. the broker alone with the same traffic (`brokerbench e2e`, relays stopped): "
-            "acked/s = confirmed publishes per second of the run; latency at the relay's WebSocket "
-            "subscribers vs. at the broker's live consumers.", "",
-            "| backend | relay acked/s | relay e2e p50 / p99 | broker alone (same traffic) acked/s | broker alone (same traffic) p50 / p99 | relay / broker acked/s | relay / broker p99 | broker CPU: under the relay run / alone |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = table_head("Relay vs. the broker alone with the same traffic (`brokerbench e2e`, relays stopped): "
+                      "acked/s = confirmed publishes per second of the run; latency at the relay's WebSocket "
+                      "subscribers vs. at the broker's live consumers.",
+                      ["backend", "relay acked/s", "relay e2e p50 / p99", "broker alone (same traffic) acked/s",
+                       "broker alone (same traffic) p50 / p99", "relay / broker acked/s", "relay / broker p99",
+                       "broker CPU: under the relay run / alone"])
     for r in with_c:
         f, c = r["fanout"], r["ceiling"]
         relay_rate = f["publish_acked"] / max(f["duration_s"], 1)
@@ -377,11 +388,11 @@ def capped_table(results):
     with_c = [r for r in results if "ceiling_capped" in r]
     if not with_c:
         return ""
-    rows = ["", "The broker alone with the CPU it got under the relay run (`brokerbench e2e`, same traffic, the "
-            "broker's processes held to that share of a core with a cgroup CPU quota, 10 ms period; the rest of "
-            "the machine idle but for brokerbench):", "",
-            "| backend | broker CPU under the relay run = cap | relay e2e p50 / p99 | broker alone at the cap: acked/s | p50 / p99 | relay / capped broker p99 |",
-            "|---|---|---|---|---|---|"]
+    rows = table_head("The broker alone with the CPU it got under the relay run (`brokerbench e2e`, same traffic, "
+                      "the broker's processes held to that share of a core with a cgroup CPU quota, 10 ms period; "
+                      "the rest of the machine idle but for brokerbench):",
+                      ["backend", "broker CPU under the relay run = cap", "relay e2e p50 / p99",
+                       "broker alone at the cap: acked/s", "p50 / p99", "relay / capped broker p99"])
     for r in with_c:
         e, c = r["fanout"]["e2e_ms"], r["ceiling_capped"]
         if "error" in c:
