@@ -16,3 +16,13 @@ pub mod tansu_server;
 /// tansu, the broker the tests run against, holds every fetch for the whole
 /// wait — a test-profile value, never a product default.
 pub const TANSU_FETCH_WAIT_MS: u32 = 5;
+
+/// A port nobody listens on right now, for a test's private broker (the
+/// listener is dropped before the broker binds, so another process could
+/// still take it first).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

@@ -139,10 +139,7 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = super::free_port();
         let mut s = NatsServer {
             port,
             dir: tempfile::tempdir().expect("tempdir"),

@@ -13,13 +13,6 @@ pub struct RedisServer {
     persistence: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 impl RedisServer {
     pub async fn start() -> RedisServer {
         RedisServer::start_with(&["--save", "", "--appendonly", "no"]).await
@@ -29,7 +22,7 @@ impl RedisServer {
     /// `--appendfsync always` in a temp `--dir`; restarts reuse them.
     pub async fn start_with(persistence: &[&str]) -> RedisServer {
         let mut s = RedisServer {
-            port: free_port(),
+            port: super::free_port(),
             child: None,
             persistence: persistence.iter().map(|a| a.to_string()).collect(),
         };

@@ -27,10 +27,7 @@ impl TansuServer {
     }
 
     async fn start_with(memory: bool) -> TansuServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = super::free_port();
         let mut s = TansuServer {
             port,
             dir: tempfile::tempdir().expect("tempdir"),
