@@ -84,8 +84,9 @@ class CpuCap:
     or v2's `cpu.max`), for as long as the `with` block lasts, then moves them
     back to the root group. The period is 10 ms, not the default 100 ms, so
     the cap throttles in short slices (closer to sharing a busy core than to
-    running 75 ms and stopping 25). Needs root; `CpuCap.available()` says
-    whether this machine has a controller to use."""
+    running 75 ms and stopping 25). Each process goes back to the group it
+    was in (a service manager's, say), not to the root. Needs root;
+    `CpuCap.available()` says whether this machine has a controller to use."""
 
     V1, V2 = "/sys/fs/cgroup/cpu", "/sys/fs/cgroup"
     PERIOD_US = 10_000
@@ -113,7 +114,17 @@ class CpuCap:
         with open(path, "w") as f:
             f.write(str(value))
 
+    def _group_of(self, pid):
+        """`pid`'s group under this controller, from /proc/<pid>/cgroup."""
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if (controllers == "" if self.kind == "v2" else "cpu" in controllers.split(",")):
+                    return path
+        return "/"
+
     def __enter__(self):
+        self.homes = {pid: self._group_of(pid) for pid in self.pids}
         os.makedirs(self.dir, exist_ok=True)
         quota = max(1000, round(self.PERIOD_US * self.pct / 100))
         if self.kind == "v1":
@@ -126,9 +137,9 @@ class CpuCap:
         return self
 
     def __exit__(self, *exc):
-        for pid in self.pids:
+        for pid, home in self.homes.items():
             try:
-                self._write(os.path.join(self.root, "cgroup.procs"), pid)
+                self._write(os.path.join(self.root, home.lstrip("/"), "cgroup.procs"), pid)
             except OSError:
                 pass  # the process is gone
         try:
