@@ -2,7 +2,7 @@
 # A/B of two relay builds on the same workload, alternating old/new so the
 # machine's drift hits both alike; prints p50/p99, refused sends, live loss and
 # duplication, PostgreSQL deadlocks of each run's database, and the CPU of the
-# relays (summed), the broker and PostgreSQL.
+# relays (summed, then per process), the broker and PostgreSQL.
 #
 #   loadtest/ab.sh OLD_BIN NEW_BIN [BACKENDS] [SECONDS] [ROUNDS]
 #   loadtest/ab.sh /tmp/chat-relay-old target/release/chat-relay rabbitmq,kafka 30 2
@@ -38,7 +38,7 @@ for b in backends:
     e = raw["e2e_ms"]
     print(f"{v} {b}: p50 {e['p50']} ms, p99 {e['p99']} ms, acked {raw.get('acked')}, refused {raw.get('errors')}, "
           f"lost {raw.get('lost')}, dup {raw.get('duplicates')}, deadlocks {dl}; CPU % relay "
-          f"{sum(j.get('relay_cpu_pct', {}).values()):.1f}, broker {j.get('broker_cpu_pct')}, "
+          f"{sum(j.get('relay_cpu_pct', {}).values()):.1f} ({', '.join(f'{k} {c}' for k, c in j.get('relay_cpu_pct', {}).items())}), broker {j.get('broker_cpu_pct')}, "
           f"PostgreSQL {j.get('db_cpu_pct')}", flush=True)
 PY
   done

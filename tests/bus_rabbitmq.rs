@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -206,4 +207,69 @@ async fn connection_loss_reconnects_and_rebinds() {
     })
     .await;
     assert!(back.is_ok(), "live and worker subscriptions came back");
+}
+
+/// Unacknowledged deliveries of a queue, as the broker counts them.
+fn unacked_on_broker(queue: &str) -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next() == Some(queue)).then(|| it.next()?.parse().ok())?
+    })
+}
+
+/// A worker's batch costs one `basic.ack multiple` when it is every unsettled
+/// delivery up to its highest tag, and one ack per delivery when a delivery
+/// the worker still holds sits below — the broker then still counts that one
+/// unacknowledged, and nothing else.
+#[tokio::test]
+async fn batch_ack_is_one_frame_without_a_hole_and_exact_with_one() {
+    let cfg = cfg();
+    let queue_prefix = cfg.rabbitmq_queue_prefix.clone();
+    let marker = cfg.rabbitmq_exchange.clone();
+    let bus = common::rabbit::CleanBus::new(bus_with(cfg).await, &marker);
+    let g = c::uniq("ba");
+    let queue = format!("{queue_prefix}{g}");
+    let room = c::room("ba");
+    let mut sub = bus.subscribe(SubscribeOptions::shared(g)).await.unwrap();
+    for i in 0..20 {
+        send(&bus, &room, &format!("m{i}"), Priority::Normal).await;
+    }
+    let whole = c::recv_n(&mut sub, &[&room], 20, Duration::from_secs(10)).await;
+    assert_eq!(whole.len(), 20);
+    chat_relay::bus::Delivery::ack_batch(whole).await.unwrap();
+    let acks = bus.batch_acks();
+    assert_eq!(acks.multiple.load(Ordering::Relaxed), 1, "one multiple ack");
+    assert_eq!(acks.single.load(Ordering::Relaxed), 0);
+    common::app::eventually(Duration::from_secs(10), "the broker settled all 20", || {
+        let q = queue.clone();
+        async move { unacked_on_broker(&q) == Some(0) }
+    })
+    .await;
+
+    for i in 20..30 {
+        send(&bus, &room, &format!("m{i}"), Priority::Normal).await;
+    }
+    let mut batch = c::recv_n(&mut sub, &[&room], 10, Duration::from_secs(10)).await;
+    assert_eq!(batch.len(), 10);
+    let held = batch.remove(4);
+    chat_relay::bus::Delivery::ack_batch(batch).await.unwrap();
+    assert_eq!(acks.multiple.load(Ordering::Relaxed), 1);
+    assert_eq!(acks.single.load(Ordering::Relaxed), 1, "acked one by one");
+    common::app::eventually(Duration::from_secs(10), "the broker holds only m24", || {
+        let q = queue.clone();
+        async move { unacked_on_broker(&q) == Some(1) }
+    })
+    .await;
+    // The held delivery is still acknowledgeable afterwards.
+    assert_eq!(&held.payload[..], b"m24");
+    held.ack().await.unwrap();
+    common::app::eventually(Duration::from_secs(10), "m24 settled too", || {
+        let q = queue.clone();
+        async move { unacked_on_broker(&q) == Some(0) }
+    })
+    .await;
 }

@@ -430,6 +430,7 @@ impl MessageBus for KafkaBus {
             retains_for_absent_groups: true,
             replay: true,
             multi_process: true,
+            selective_ack: false,
         }
     }
 

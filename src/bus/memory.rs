@@ -148,6 +148,7 @@ impl MessageBus for MemoryBus {
             retains_for_absent_groups: true,
             replay: false,
             multi_process: false,
+            selective_ack: true,
         }
     }
 

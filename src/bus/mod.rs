@@ -33,6 +33,7 @@ pub mod reconnect;
 pub mod redis;
 pub mod redis_streams;
 
+use std::any::Any;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
@@ -145,6 +146,11 @@ pub struct Capabilities {
     pub replay: bool,
     /// More than one process can share the bus.
     pub multi_process: bool,
+    /// An ack settles just that delivery; an earlier one left unacked still
+    /// comes back. `false` where an ack moves a position instead (Kafka's
+    /// committed offset settles every earlier offset of the partition) or
+    /// where there is nothing to settle (Redis Pub/Sub).
+    pub selective_ack: bool,
 }
 
 /// The backend's answer to one [`MessageBus::submit`]: `Ok` once the message
@@ -152,12 +158,30 @@ pub struct Capabilities {
 pub type Confirm = futures::future::BoxFuture<'static, Result<(), BusError>>;
 
 /// Acknowledgement handle of one delivery, implemented per backend.
+///
+/// `Any` lets a backend that acknowledges many deliveries in one operation
+/// recognise its own ackers in [`Acker::ack_batch`].
 #[async_trait]
-pub trait Acker: Send + Sync {
+pub trait Acker: Any + Send + Sync {
     /// Confirms the delivery was handled; it will not come back.
     async fn ack(self: Box<Self>) -> Result<(), BusError>;
     /// Gives the delivery back (redelivered where the backend can).
     async fn nack(self: Box<Self>) -> Result<(), BusError>;
+    /// Optional capability: confirms this delivery and `rest` — the other
+    /// handled deliveries of one batch from the same subscription — in as few
+    /// broker operations as the backend allows (RabbitMQ: one `basic.ack` with
+    /// `multiple`). Settles exactly these deliveries, never another one. The
+    /// default acks one by one. Returns the first error; every delivery is
+    /// still tried.
+    async fn ack_batch(self: Box<Self>, rest: Vec<Box<dyn Acker>>) -> Result<(), BusError> {
+        let mut first_err = self.ack().await.err();
+        for a in rest {
+            if let Err(e) = a.ack().await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
 }
 
 /// One message received from the bus.
@@ -202,6 +226,19 @@ impl Delivery {
     pub async fn nack(mut self) -> Result<(), BusError> {
         match self.acker.take() {
             Some(a) => a.nack().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Acknowledges a handled batch of deliveries from one subscription, in as
+    /// few broker operations as the backend allows ([`Acker::ack_batch`]): a
+    /// worker that acked its 512 deliveries one `await` at a time paid a
+    /// round trip through the client's I/O task for each. Returns the first
+    /// error; every delivery is still tried.
+    pub async fn ack_batch(batch: Vec<Delivery>) -> Result<(), BusError> {
+        let mut ackers = batch.into_iter().filter_map(|mut d| d.acker.take());
+        match ackers.next() {
+            Some(first) => first.ack_batch(ackers.collect()).await,
             None => Ok(()),
         }
     }

@@ -424,6 +424,7 @@ impl MessageBus for NatsBus {
             retains_for_absent_groups: true,
             replay: true,
             multi_process: true,
+            selective_ack: true,
         }
     }
 

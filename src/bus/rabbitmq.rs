@@ -13,8 +13,11 @@
 //!   Auto-ack: if the instance dies, its queue and its sockets die with it.
 //! * **Workers** (`db-writer`, `analytics`): durable shared queues bound to
 //!   `room.#`; members compete; manual acks after the side effect, `basic.qos`
-//!   prefetch from `RABBITMQ_PREFETCH`. An unacked delivery is redelivered when
-//!   its channel closes (crash, subscription dropped) or it is nacked.
+//!   prefetch from `RABBITMQ_PREFETCH`. A committed batch is confirmed with
+//!   one `basic.ack` with `multiple` when no delivery the worker still holds
+//!   sits below it, else one ack per delivery ([`Delivery::ack_batch`]). An
+//!   unacked delivery is redelivered when its channel closes (crash,
+//!   subscription dropped) or it is nacked.
 //! * Classic queues carry `x-max-priority` so a backlog drains system messages
 //!   first. Quorum queues (`RABBITMQ_QUEUE_TYPE=quorum`) replicate and survive
 //!   a node loss but ignore priorities: the trade-off is yours.
@@ -28,7 +31,7 @@
 //! connection reconnects in the background; meanwhile `publish` fails at once
 //! with `Unavailable` and `ready()` reports the outage.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -163,6 +166,7 @@ pub struct RabbitBus {
     /// milliseconds when the broker itself stays up, too short to observe
     /// through `ready()`, so tests and operators count recoveries instead.
     reconnects: Arc<AtomicU64>,
+    batch_acks: Arc<BatchAcks>,
 }
 
 /// The last handle gone, every background task of this bus (publisher
@@ -203,6 +207,7 @@ impl RabbitBus {
             broken,
             closed: CancellationToken::new(),
             reconnects: Arc::new(AtomicU64::new(0)),
+            batch_acks: Arc::default(),
         };
         bus.spawn_publisher_keeper();
         Ok(bus)
@@ -211,6 +216,13 @@ impl RabbitBus {
     /// How many times the publisher connection has been re-established.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How this bus's worker subscriptions acknowledged their batches
+    /// ([`Delivery::ack_batch`]): tests prove with it that a contiguous batch
+    /// costs one frame and a batch with a hole below it does not.
+    pub fn batch_acks(&self) -> &BatchAcks {
+        &self.batch_acks
     }
 
     /// Reconnects the publisher whenever it breaks.
@@ -294,27 +306,126 @@ impl RabbitBus {
     }
 }
 
+/// Delivery tags of one consumer channel that were handed to the worker and
+/// are not settled yet. A batch is confirmed with one `basic.ack multiple`
+/// only when no other unsettled tag sits at or below its highest tag, so a
+/// delivery the worker still holds is never acked by accident. The lock is
+/// held while an ack or nack is sent: a `multiple` ack that overtook an
+/// earlier ack of a tag it covers would make the broker close the channel
+/// (`PRECONDITION_FAILED - unknown delivery tag`).
+struct Unsettled {
+    open: Mutex<BTreeSet<u64>>,
+    counts: Arc<BatchAcks>,
+}
+
+/// How the bus's worker batches were acknowledged (see [`RabbitBus::batch_acks`]).
+#[derive(Debug, Default)]
+pub struct BatchAcks {
+    /// Batches confirmed with one `basic.ack multiple`.
+    pub multiple: AtomicU64,
+    /// Batches acked one frame per delivery, because another unsettled
+    /// delivery sat below the batch's highest tag.
+    pub single: AtomicU64,
+}
+
 struct RabbitAcker {
     acker: lapin::acker::Acker,
+    tag: u64,
+    unsettled: Arc<Unsettled>,
 }
 
 #[async_trait]
 impl Acker for RabbitAcker {
     async fn ack(self: Box<Self>) -> Result<(), BusError> {
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(unavailable)
+        let mut open = self.unsettled.open.lock().await;
+        let res = self.acker.ack(BasicAckOptions::default()).await;
+        open.remove(&self.tag);
+        res.map_err(unavailable)
     }
     async fn nack(self: Box<Self>) -> Result<(), BusError> {
-        self.acker
+        let mut open = self.unsettled.open.lock().await;
+        let res = self
+            .acker
             .nack(BasicNackOptions {
                 requeue: true,
                 multiple: false,
             })
-            .await
-            .map_err(unavailable)
+            .await;
+        open.remove(&self.tag);
+        res.map_err(unavailable)
     }
+
+    /// One `basic.ack multiple` per channel for the batch when the batch is
+    /// every unsettled tag up to its highest; one ack each otherwise.
+    async fn ack_batch(self: Box<Self>, rest: Vec<Box<dyn Acker>>) -> Result<(), BusError> {
+        let mut first_err = None;
+        let mut ours: Vec<RabbitAcker> = vec![*self];
+        for a in rest {
+            let any: &dyn std::any::Any = &*a;
+            if any.is::<RabbitAcker>() {
+                let any: Box<dyn std::any::Any + Send> = a;
+                if let Ok(r) = any.downcast::<RabbitAcker>() {
+                    ours.push(*r);
+                }
+            } else if let Err(e) = a.ack().await {
+                // Not one of ours (a batch from one subscription never mixes).
+                first_err.get_or_insert(e);
+            }
+        }
+        // A reconnect mid-batch leaves ackers of two channels: settle each
+        // channel's own.
+        while !ours.is_empty() {
+            let key = ours[0].unsettled.clone();
+            let (same, next): (Vec<_>, Vec<_>) = ours
+                .into_iter()
+                .partition(|a| Arc::ptr_eq(&a.unsettled, &key));
+            ours = next;
+            if let Err(e) = ack_channel_batch(same).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Acks one channel's part of a batch (see [`Unsettled`]).
+async fn ack_channel_batch(mut batch: Vec<RabbitAcker>) -> Result<(), BusError> {
+    let Some(first) = batch.first() else {
+        return Ok(());
+    };
+    let unsettled = first.unsettled.clone();
+    let mut open = unsettled.open.lock().await;
+    batch.sort_unstable_by_key(|a| a.tag);
+    batch.dedup_by_key(|a| a.tag);
+    let highest = batch.last().map_or(0, |a| a.tag);
+    let covered = open.range(..=highest).count();
+    let all_open = batch.iter().all(|a| open.contains(&a.tag));
+    if all_open && covered == batch.len() {
+        let last = batch.pop().map(|a| a.acker);
+        let res = match last {
+            Some(acker) => acker.ack(BasicAckOptions { multiple: true }).await,
+            None => Ok(()),
+        };
+        // Everything up to `highest` is settled now (or, on error, the
+        // channel is gone and every tag comes back).
+        open.retain(|t| *t > highest);
+        unsettled.counts.multiple.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("bus_batch_acks_total", "backend" => "rabbitmq", "mode" => "multiple")
+            .increment(1);
+        return res.map_err(unavailable);
+    }
+    let mut first_err = None;
+    for a in batch {
+        let res = a.acker.ack(BasicAckOptions::default()).await;
+        open.remove(&a.tag);
+        if let Err(e) = res {
+            first_err.get_or_insert(unavailable(e));
+        }
+    }
+    unsettled.counts.single.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("bus_batch_acks_total", "backend" => "rabbitmq", "mode" => "single")
+        .increment(1);
+    first_err.map_or(Ok(()), Err)
 }
 
 /// The channel and queue name the rooms are currently bound on.
@@ -468,6 +579,7 @@ impl MessageBus for RabbitBus {
             retains_for_absent_groups: true,
             replay: false,
             multi_process: true,
+            selective_ack: true,
         }
     }
 
@@ -554,6 +666,7 @@ impl MessageBus for RabbitBus {
             interest.clone(),
             stop.clone(),
         );
+        let batch_acks = self.batch_acks.clone();
         let (connect_opts, group, shared) = (
             opts.clone(),
             opts.group.clone(),
@@ -575,13 +688,19 @@ impl MessageBus for RabbitBus {
                 async move { start_consumer(&cfg, &opts, &args, &interest).await }
             },
             move |(conn, ch, mut consumer)| {
-                let (tx, interest, stop, opts) = (
+                let (tx, interest, stop, opts, counts) = (
                     tx.clone(),
                     pump_interest.clone(),
                     pump_stop.clone(),
                     opts.clone(),
+                    batch_acks.clone(),
                 );
                 async move {
+                    // Tags are per channel: a new session starts a new set.
+                    let unsettled = Arc::new(Unsettled {
+                        open: Mutex::default(),
+                        counts: counts.clone(),
+                    });
                     let end = loop {
                         let next = tokio::select! {
                             _ = stop.cancelled() => break SessionEnd::Stopped,
@@ -604,11 +723,16 @@ impl MessageBus for RabbitBus {
                         };
                         let payload = Bytes::from(d.data);
                         let delivery = if opts.kind == GroupKind::Shared {
+                            unsettled.open.lock().await.insert(d.delivery_tag);
                             Delivery::new(
                                 room,
                                 payload,
                                 d.redelivered,
-                                Box::new(RabbitAcker { acker: d.acker }),
+                                Box::new(RabbitAcker {
+                                    acker: d.acker,
+                                    tag: d.delivery_tag,
+                                    unsettled: unsettled.clone(),
+                                }),
                             )
                         } else {
                             Delivery::unacked(room, payload)

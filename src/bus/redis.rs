@@ -228,6 +228,7 @@ impl MessageBus for RedisBus {
             retains_for_absent_groups: false,
             replay: false,
             multi_process: true,
+            selective_ack: false,
         }
     }
 

@@ -733,6 +733,7 @@ impl MessageBus for RedisStreamsBus {
             retains_for_absent_groups: true,
             replay: true,
             multi_process: true,
+            selective_ack: true,
         }
     }
 

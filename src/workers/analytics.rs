@@ -180,8 +180,8 @@ async fn count_batch(
         return;
     };
     metrics::counter!("analytics_messages_total").increment(msgs.len() as u64);
-    for d in batch {
-        let _ = d.ack().await;
+    if let Err(e) = Delivery::ack_batch(batch).await {
+        tracing::warn!(error = %e, "analytics: ack failed (the batch will be redelivered and not counted twice)");
     }
     for f in flags {
         metrics::counter!("flood_flags_total").increment(1);

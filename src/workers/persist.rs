@@ -103,10 +103,9 @@ async fn write_batch(store: &Store, batch: Vec<Delivery>, shutdown: &Cancellatio
             }
         }
     }
-    // Acknowledge only now that the transaction has committed.
-    for d in batch {
-        if let Err(e) = d.ack().await {
-            tracing::warn!(error = %e, "persistence: ack failed (the message will be redelivered and deduplicated)");
-        }
+    // Acknowledge only now that the transaction has committed: the whole
+    // batch at once, in one broker operation where the backend can.
+    if let Err(e) = Delivery::ack_batch(batch).await {
+        tracing::warn!(error = %e, "persistence: ack failed (the message will be redelivered and deduplicated)");
     }
 }

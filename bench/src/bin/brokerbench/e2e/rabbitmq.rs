@@ -3,15 +3,16 @@
 //! routing key `room.chat.<name>`; per instance an exclusive auto-delete live
 //! queue bound per room and consumed with no_ack; the worker groups as
 //! durable queues bound to `room.#` (classic with `x-max-priority`, or quorum),
-//! `basic.qos` prefetch from `RabbitConfig`, manual acks after processing.
+//! `basic.qos` prefetch from `RabbitConfig`, manual acks after processing,
+//! one `multiple` ack for what was ready at once (the relay's batch ack).
 //! Every consumer and every producer owns its connection, as in the relay.
 
 use std::time::Duration;
 
 use chat_relay::bus::rabbitmq::{QueueType, RabbitConfig};
 use chat_relay::protocol::RoomId;
-use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -202,24 +203,48 @@ impl Rabbit {
             )
             .await?;
         let unique = stats.unique.clone();
+        let prefetch = usize::from(self.cfg.rabbitmq_prefetch.max(1));
         let task = tokio::spawn(async move {
-            loop {
+            // As the relay's workers: take what is ready (up to the
+            // prefetch), handle it, then confirm it with one `multiple` ack.
+            let mut ended = false;
+            while !ended {
                 let d = tokio::select! {
                     _ = stop.cancelled() => break,
                     d = consumer.next() => d,
                 };
-                match d {
-                    Some(Ok(d)) => {
-                        stats.record(&d.data);
-                        if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
-                            eprintln!("rabbitmq ack: {e}");
+                let mut last = None;
+                let mut taken = 0;
+                let mut next = d;
+                loop {
+                    match next {
+                        Some(Ok(d)) => {
+                            stats.record(&d.data);
+                            last = Some(d.acker);
+                            taken += 1;
+                        }
+                        Some(Err(e)) => {
+                            eprintln!("rabbitmq worker consumer error: {e}");
+                            ended = true;
+                            break;
+                        }
+                        None => {
+                            ended = true;
+                            break;
                         }
                     }
-                    Some(Err(e)) => {
-                        eprintln!("rabbitmq worker consumer error: {e}");
+                    if taken >= prefetch {
                         break;
                     }
-                    None => break,
+                    match consumer.next().now_or_never() {
+                        Some(n) => next = n,
+                        None => break,
+                    }
+                }
+                if let Some(a) = last
+                    && let Err(e) = a.ack(BasicAckOptions { multiple: true }).await
+                {
+                    eprintln!("rabbitmq ack: {e}");
                 }
             }
             let _ = ch.close(200, "bye").await;
