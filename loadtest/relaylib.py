@@ -81,11 +81,11 @@ def cpu_seconds(pid):
 class CpuCap:
     """Holds processes to `pct` % of one core with the kernel's CPU
     bandwidth control (a cgroup of their own: cgroup v1's `cpu` controller,
-    or v2's `cpu.max`), for as long as the `with` block lasts, then moves them
-    back to the root group. The period is 10 ms, not the default 100 ms, so
-    the cap throttles in short slices (closer to sharing a busy core than to
-    running 75 ms and stopping 25). Each process goes back to the group it
-    was in (a service manager's, say), not to the root. Needs root;
+    or v2's `cpu.max`), for as long as the `with` block lasts, then moves
+    each back to the group it was in (a service manager's, say), not to the
+    root. The period is 10 ms, not the default 100 ms, so the cap throttles
+    in short slices (closer to sharing a busy core than to running 75 ms and
+    stopping 25). Needs root;
     `CpuCap.available()` says whether this machine has a controller to use."""
 
     V1, V2 = "/sys/fs/cgroup/cpu", "/sys/fs/cgroup"
