@@ -390,22 +390,19 @@ impl Acker for RabbitAcker {
 
 /// Acks one channel's part of a batch (see [`Unsettled`]).
 async fn ack_channel_batch(mut batch: Vec<RabbitAcker>) -> Result<(), BusError> {
-    let Some(first) = batch.first() else {
+    batch.sort_unstable_by_key(|a| a.tag);
+    let Some(last) = batch.pop() else {
         return Ok(());
     };
-    let unsettled = first.unsettled.clone();
+    let unsettled = last.unsettled.clone();
     let mut open = unsettled.open.lock().await;
-    batch.sort_unstable_by_key(|a| a.tag);
-    batch.dedup_by_key(|a| a.tag);
-    let highest = batch.last().map_or(0, |a| a.tag);
-    let covered = open.range(..=highest).count();
-    let all_open = batch.iter().all(|a| open.contains(&a.tag));
-    if all_open && covered == batch.len() {
-        let last = batch.pop().map(|a| a.acker);
-        let res = match last {
-            Some(acker) => acker.ack(BasicAckOptions { multiple: true }).await,
-            None => Ok(()),
-        };
+    let highest = last.tag;
+    // The batch is every unsettled tag up to its highest.
+    let whole = open.range(..=highest).count() == batch.len() + 1
+        && open.contains(&highest)
+        && batch.iter().all(|a| open.contains(&a.tag));
+    if whole {
+        let res = last.acker.ack(BasicAckOptions { multiple: true }).await;
         // Everything up to `highest` is settled now (or, on error, the
         // channel is gone and every tag comes back).
         open.retain(|t| *t > highest);
@@ -414,6 +411,7 @@ async fn ack_channel_batch(mut batch: Vec<RabbitAcker>) -> Result<(), BusError> 
             .increment(1);
         return res.map_err(unavailable);
     }
+    batch.push(last);
     let mut first_err = None;
     for a in batch {
         let res = a.acker.ack(BasicAckOptions::default()).await;
