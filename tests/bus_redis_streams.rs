@@ -367,3 +367,60 @@ async fn redis_restart_fails_fast_and_groups_come_back() {
     .expect("the group subscription comes back");
     assert_eq!(&got.payload[..], b"after");
 }
+
+/// `XACK` calls so far on a private server (`INFO commandstats`).
+async fn xack_calls(url: &str) -> u64 {
+    let info: String = admin(url, &["INFO", "commandstats"]).await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xack:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a call count"))
+}
+
+/// Entries of `group` still pending (handed out, not acked), summed over the
+/// shard streams.
+async fn pending(url: &str, bus: &CleanBus, group: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for key in bus.bus.keys() {
+        let v: Vec<(String, String, u64, u64)> =
+            admin(url, &["XPENDING", key, group, "-", "+", "1000"]).await;
+        ids.extend(v.into_iter().map(|e| e.0));
+    }
+    ids
+}
+
+/// A worker's batch is acked with one `XACK` per stream it spans, not one per
+/// entry, and only the entries in it: one held back stays pending, exactly
+/// it, and can still be acked afterwards. Counted by the server itself.
+#[tokio::test]
+async fn batch_ack_is_one_xack_per_stream_and_exact() {
+    let server = common::redis_server::RedisServer::start().await;
+    let bus = CleanBus::connect(&server.url(), config(&prefix("ba"))).await;
+    let g = c::uniq("ba");
+    let mut sub = bus
+        .subscribe(SubscribeOptions::shared(g.clone()))
+        .await
+        .unwrap();
+    // 40 entries over 4 rooms: at most 4 shard streams.
+    let rooms: Vec<_> = (0..4).map(|i| c::room(&format!("ba{i}x"))).collect();
+    let shards: std::collections::HashSet<_> = rooms.iter().map(|r| shard_of(r, 8)).collect();
+    for i in 0..40 {
+        c::publish(&bus, &rooms[i % 4], &format!("m{i}")).await;
+    }
+    let want: Vec<&_> = rooms.iter().collect();
+    let mut batch = c::recv_n(&mut sub, &want, 40, Duration::from_secs(10)).await;
+    assert_eq!(batch.len(), 40);
+    let held = batch.remove(17);
+    let before = xack_calls(&server.url()).await;
+    chat_relay::bus::Delivery::ack_batch(batch).await.unwrap();
+    let calls = xack_calls(&server.url()).await - before;
+    assert_eq!(
+        calls,
+        shards.len() as u64,
+        "one XACK per stream, not per entry"
+    );
+    let left = pending(&server.url(), &bus, &g).await;
+    assert_eq!(left.len(), 1, "only the held entry is pending: {left:?}");
+    held.ack().await.unwrap();
+    assert!(pending(&server.url(), &bus, &g).await.is_empty());
+}
