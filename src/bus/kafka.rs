@@ -41,6 +41,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::reconnect::Backoff;
+use super::room_order::{RoomOrder, Ticket};
 use super::{
     Acker, AllRooms, BusError, Capabilities, Confirm, ConsumerLag, Delivery, GroupKind, LocalRooms,
     MessageBus, Outgoing, RoomInterest, RoomScope, SubscribeOptions, Subscription,
@@ -156,12 +157,15 @@ pub struct KafkaBus {
     /// whose producer id/sequence state the broker no longer accepts (e.g. a
     /// broker that lost it in a crash) cannot recover and must be recreated.
     producer: Arc<ProducerSlot>,
+    /// Keeps a room's records in send order across retries on a new producer.
+    order: Arc<RoomOrder>,
     closed: CancellationToken,
 }
 
-/// The current producer, shared with the confirmations still in flight (a
-/// retry after a fatal error uses the replacement).
-type ProducerSlot = std::sync::RwLock<FutureProducer>;
+/// The current producer and its generation (1, then one more per
+/// replacement), shared with the confirmations still in flight (a retry
+/// after a fatal error uses the replacement).
+type ProducerSlot = std::sync::RwLock<(u64, FutureProducer)>;
 
 fn make_producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
     base_config(cfg)
@@ -184,17 +188,19 @@ impl KafkaBus {
         let producer = make_producer(&cfg)?;
         Ok(KafkaBus {
             cfg,
-            producer: Arc::new(std::sync::RwLock::new(producer)),
+            producer: Arc::new(std::sync::RwLock::new((1, producer))),
+            order: Arc::default(),
             closed: CancellationToken::new(),
         })
     }
 
     fn producer(&self) -> FutureProducer {
-        current(&self.producer)
+        current(&self.producer).1
     }
 }
 
-fn current(slot: &ProducerSlot) -> FutureProducer {
+/// The current producer and its generation.
+fn current(slot: &ProducerSlot) -> (u64, FutureProducer) {
     // A poisoned lock still holds a usable producer.
     match slot.read() {
         Ok(p) => p.clone(),
@@ -240,7 +246,7 @@ fn replace_if_dead(
         Ok(g) => g,
         Err(e) => e.into_inner(),
     };
-    if !std::ptr::eq(guard.client().native_ptr(), failed.client().native_ptr()) {
+    if !std::ptr::eq(guard.1.client().native_ptr(), failed.client().native_ptr()) {
         return; // another publisher already replaced it
     }
     match make_producer(cfg) {
@@ -248,7 +254,7 @@ fn replace_if_dead(
             tracing::warn!(?code, %reason, "kafka: the producer is unusable (fatal error or fenced); recreated it");
             metrics::counter!("bus_reconnects_total", "backend" => "kafka").increment(1);
             metrics::counter!("kafka_producers_replaced_total").increment(1);
-            *guard = p;
+            *guard = (guard.0 + 1, p);
         }
         Err(e) => tracing::warn!(error = %e, "kafka: cannot recreate the producer"),
     }
@@ -271,6 +277,21 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_millis(200);
 /// Puts one record into librdkafka's queue for its partition (the order the
 /// partition is written in) and returns its delivery report. A full local
 /// queue is waited out for [`QUEUE_FULL_WAIT`].
+/// Waits for the record's turn in its room ([`RoomOrder`]) and returns the
+/// producer of the generation it was placed on. Replaced meanwhile: placed
+/// again. Replaced after this returns: the record goes to the old producer,
+/// which was replaced because it fails — and later records wait for its
+/// retry, since it is registered on the old generation.
+async fn place(ticket: &Ticket, slot: &ProducerSlot) -> FutureProducer {
+    loop {
+        let g = ticket.turn(|| current(slot).0).await;
+        let (now, producer) = current(slot);
+        if now == g {
+            return producer;
+        }
+    }
+}
+
 async fn enqueue(
     producer: &FutureProducer,
     topic: &str,
@@ -441,19 +462,20 @@ impl MessageBus for KafkaBus {
     /// Enqueues the record in librdkafka's partition queue (the room's order:
     /// with idempotence its own retries keep it) and returns the delivery
     /// report, so the caller's room turn does not wait for `acks=all`. A
-    /// failed delivery is produced again up to `KAFKA_PUBLISH_RETRIES` times
-    /// — that retry lands after whatever the room published meanwhile (live
-    /// order; positions, history and recovery keep `seq` order).
+    /// failed delivery is produced again up to `KAFKA_PUBLISH_RETRIES` times,
+    /// and the room's later sends wait for that retry ([`RoomOrder`]): after
+    /// a producer replacement none of them overtakes an earlier one.
     async fn submit(&self, msg: Outgoing) -> Result<Confirm, BusError> {
         if self.closed.is_cancelled() {
             return Err(BusError::Closed);
         }
-        let producer = self.producer();
+        let slot = self.producer.clone();
+        let ticket = self.order.ticket(msg.room.as_str());
+        let mut producer = place(&ticket, &slot).await;
         let topic = self.cfg.kafka_topic.clone();
         let mut delivery = enqueue(&producer, &topic, &msg).await?;
-        let (slot, cfg) = (self.producer.clone(), self.cfg.clone());
+        let cfg = self.cfg.clone();
         Ok(Box::pin(async move {
-            let mut producer = producer;
             let mut attempt = 0;
             loop {
                 let (err, kafka_err) = match delivery.await {
@@ -461,6 +483,7 @@ impl MessageBus for KafkaBus {
                     Ok(Err((e, _))) => (e.to_string(), Some(e)),
                     Err(_) => ("the producer was dropped".to_string(), None),
                 };
+                ticket.failed();
                 replace_if_dead(&slot, &cfg, &producer, kafka_err.as_ref());
                 metrics::counter!("publish_retries_total", "backend" => "kafka").increment(1);
                 if attempt >= cfg.kafka_publish_retries {
@@ -476,7 +499,7 @@ impl MessageBus for KafkaBus {
                     max: Duration::from_millis(u64::from(cfg.kafka_message_timeout_ms)),
                 };
                 tokio::time::sleep(backoff.delay(attempt)).await;
-                producer = current(&slot);
+                producer = place(&ticket, &slot).await;
                 delivery = enqueue(&producer, &topic, &msg).await?;
             }
         }))

@@ -32,6 +32,7 @@ pub mod rabbitmq;
 pub mod reconnect;
 pub mod redis;
 pub mod redis_streams;
+pub mod room_order;
 
 use std::any::Any;
 use std::collections::HashSet;
