@@ -274,9 +274,6 @@ fn refusal_log_due() -> bool {
 /// is reported as failed.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(200);
 
-/// Puts one record into librdkafka's queue for its partition (the order the
-/// partition is written in) and returns its delivery report. A full local
-/// queue is waited out for [`QUEUE_FULL_WAIT`].
 /// Waits for the record's turn in its room ([`RoomOrder`]) and returns the
 /// producer of the generation it was placed on. Replaced meanwhile: placed
 /// again. Replaced after this returns: the record goes to the old producer,
@@ -292,6 +289,9 @@ async fn place(ticket: &Ticket, slot: &ProducerSlot) -> FutureProducer {
     }
 }
 
+/// Puts one record into librdkafka's queue for its partition (the order the
+/// partition is written in) and returns its delivery report. A full local
+/// queue is waited out for [`QUEUE_FULL_WAIT`].
 async fn enqueue(
     producer: &FutureProducer,
     topic: &str,

@@ -16,8 +16,8 @@
 //! replaced (a delivery timeout) while later records of its room on the same
 //! producer succeed; those landed already, and the retry comes after them.
 //!
-//! Cost on the normal path: one mutex-guarded map insert per send and one
-//! remove per confirmation; nobody waits while no record fails.
+//! Cost on the normal path: a few operations on a mutex-guarded map per
+//! send and one per confirmation; nobody waits while no record fails.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
