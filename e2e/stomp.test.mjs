@@ -87,6 +87,11 @@ if (!AUTH_SECRET) {
     await page.fill('[data-testid=room]', room);
     await page.click('[data-testid=join]');
     await page.waitForSelector(`[data-testid="tab-${room}"]`);
+    // The tab appears when the join is sent; the member list once `joined`
+    // came back, i.e. once the relay recorded bella's presence. Waiting for
+    // the tab alone let the STOMP user below look before that (seen once in
+    // CI on BUS=redis: "STOMP sees the browser user: dora").
+    await page.waitForFunction(() => document.querySelector('#members')?.textContent.includes('bella'));
 
     // The STOMP user, on instance B: DungeonTalk's calls, verbatim.
     const { client, log, connected } = stomp({ login: 'dora' });
