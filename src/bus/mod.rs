@@ -185,6 +185,25 @@ pub trait Acker: Any + Send + Sync {
     }
 }
 
+/// For [`Acker::ack_batch`] implementations: splits `rest` into the
+/// backend's own ackers (`T`) and any others, which the caller acks one by
+/// one (a batch from one subscription never mixes backends).
+pub(crate) fn own_ackers<T: Acker>(rest: Vec<Box<dyn Acker>>) -> (Vec<T>, Vec<Box<dyn Acker>>) {
+    let (mut own, mut others) = (Vec::new(), Vec::new());
+    for a in rest {
+        let any: &dyn Any = &*a;
+        if any.is::<T>() {
+            let any: Box<dyn Any + Send> = a;
+            if let Ok(t) = any.downcast::<T>() {
+                own.push(*t);
+            }
+        } else {
+            others.push(a);
+        }
+    }
+    (own, others)
+}
+
 /// One message received from the bus.
 pub struct Delivery {
     pub room: RoomId,

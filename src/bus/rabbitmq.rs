@@ -359,16 +359,10 @@ impl Acker for RabbitAcker {
     /// every unsettled tag up to its highest; one ack each otherwise.
     async fn ack_batch(self: Box<Self>, rest: Vec<Box<dyn Acker>>) -> Result<(), BusError> {
         let mut first_err = None;
-        let mut ours: Vec<RabbitAcker> = vec![*self];
-        for a in rest {
-            let any: &dyn std::any::Any = &*a;
-            if any.is::<RabbitAcker>() {
-                let any: Box<dyn std::any::Any + Send> = a;
-                if let Ok(r) = any.downcast::<RabbitAcker>() {
-                    ours.push(*r);
-                }
-            } else if let Err(e) = a.ack().await {
-                // Not one of ours (a batch from one subscription never mixes).
+        let (mut ours, others) = super::own_ackers::<RabbitAcker>(rest);
+        ours.push(*self);
+        for a in others {
+            if let Err(e) = a.ack().await {
                 first_err.get_or_insert(e);
             }
         }

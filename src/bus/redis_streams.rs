@@ -488,16 +488,11 @@ impl Acker for StreamAck {
                 None => streams.push((k, vec![a.id])),
             }
         };
+        let (ours, others) = super::own_ackers::<StreamAck>(rest);
         add(*self);
-        for a in rest {
-            let any: &dyn std::any::Any = &*a;
-            if any.is::<StreamAck>() {
-                let any: Box<dyn std::any::Any + Send> = a;
-                if let Ok(s) = any.downcast::<StreamAck>() {
-                    add(*s);
-                }
-            } else if let Err(e) = a.ack().await {
-                // Not one of ours (a batch from one subscription never mixes).
+        ours.into_iter().for_each(&mut add);
+        for a in others {
+            if let Err(e) = a.ack().await {
                 first_err.get_or_insert(e);
             }
         }
