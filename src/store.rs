@@ -11,9 +11,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool};
 use sqlx::{Postgres, Sqlite};
@@ -72,7 +74,85 @@ pub enum Store {
     Sqlite(SqlitePool),
     /// Every statement's pool, and the sequencer's own connection for its
     /// key lookups (planned once, see [`Store::connect`]).
-    Postgres(PgPool, PgPool),
+    Postgres(PgPool, Keyed),
+}
+
+/// The sequencer's connection: one connection of its own pool, held from
+/// one statement to the next instead of handed back after each.
+///
+/// Why: sqlx 0.8 tests every connection handed back to a pool with a ping
+/// (`PoolConnection::return_to_pool`: a `Sync` and the server's answer), so
+/// each sequencer burst — one statement, on the path of every send — cost
+/// two round trips to the database and woke its backend twice (`perf`: 5 %
+/// of the relay's CPU in `return_to_pool`; BENCHMARKS.md). Held, the
+/// connection is pinged only as the pool pings on acquire: after
+/// [`PING_IDLE`] without a statement. A call that fails or is cancelled
+/// drops it back into the pool, whose release ping tells a broken
+/// connection from a good one, and the next call takes one from the pool.
+/// `tests/store_bounds.rs` counts the round trips.
+#[derive(Clone)]
+pub struct Keyed {
+    pool: PgPool,
+    held: Arc<tokio::sync::Mutex<Option<(PoolConnection<Postgres>, Instant)>>>,
+}
+
+impl std::fmt::Debug for Keyed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyed").field("pool", &self.pool).finish()
+    }
+}
+
+/// The held connection, lent to one call: [`KeyedConn::keep`] puts it back;
+/// dropped without that, it goes back to the pool.
+struct KeyedConn<'a> {
+    slot: tokio::sync::MutexGuard<'a, Option<(PoolConnection<Postgres>, Instant)>>,
+    conn: PoolConnection<Postgres>,
+}
+
+impl Keyed {
+    fn new(pool: PgPool) -> Keyed {
+        Keyed {
+            pool,
+            held: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Lends the held connection (pinged first when it sat idle for
+    /// [`PING_IDLE`]), or one from the pool.
+    async fn conn(&self) -> Result<KeyedConn<'_>, sqlx::Error> {
+        use sqlx::Connection;
+        let mut slot = self.held.lock().await;
+        let held = match slot.take() {
+            Some((mut c, used)) if used.elapsed() >= PING_IDLE => match c.ping().await {
+                Ok(()) => Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "sequencer connection: ping failed, replaced");
+                    None
+                }
+            },
+            held => held.map(|(c, _)| c),
+        };
+        let conn = match held {
+            Some(c) => c,
+            None => self.pool.acquire().await?,
+        };
+        Ok(KeyedConn { slot, conn })
+    }
+
+    /// Hands the held connection back, then closes the pool (which waits
+    /// for every connection lent out).
+    async fn close(&self) {
+        drop(self.held.lock().await.take());
+        self.pool.close().await;
+    }
+}
+
+impl KeyedConn<'_> {
+    /// The call succeeded: the connection stays held for the next one.
+    fn keep(self) {
+        let KeyedConn { mut slot, conn } = self;
+        *slot = Some((conn, Instant::now()));
+    }
 }
 
 /// Runs the same code against whichever pool this store has.
@@ -438,7 +518,7 @@ impl Store {
                     ("enable_seqscan", "off"),
                 ]),
             );
-            Store::Postgres(pool, keyed)
+            Store::Postgres(pool, Keyed::new(keyed))
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
@@ -1121,6 +1201,7 @@ impl Store {
         let a_room: Vec<&str> = acked.iter().map(|k| k.room.as_str()).collect();
         let a_user: Vec<&str> = acked.iter().map(|k| k.user.as_str()).collect();
         let a_cid: Vec<&str> = acked.iter().map(|k| k.cid.as_str()).collect();
+        let mut conn = p.conn().await?;
         let rows = sqlx::query(
             "WITH acked AS ( \
                UPDATE send_dedupe d SET state = 'acked' \
@@ -1153,8 +1234,9 @@ impl Store {
         .bind(&a_room)
         .bind(&a_user)
         .bind(&a_cid)
-        .fetch_all(p)
+        .fetch_all(&mut *conn.conn)
         .await?;
+        conn.keep();
         let mut claimed: HashSet<String> = HashSet::new();
         let mut heads: HashMap<String, RoomHead> = HashMap::new();
         for r in &rows {
@@ -1187,7 +1269,8 @@ impl Store {
             // The two statements join the keys against `send_dedupe`: on the
             // sequencer's connection that is always a primary-key probe per
             // key (see `Store::connect`).
-            Store::Postgres(_, p) => {
+            Store::Postgres(_, keyed) => {
+                let mut conn = keyed.conn().await?;
                 fn cols(keys: &[SendKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
                     let room: Vec<&str> = keys.iter().map(|k| k.room.as_str()).collect();
                     let user: Vec<&str> = keys.iter().map(|k| k.user.as_str()).collect();
@@ -1204,7 +1287,7 @@ impl Store {
                     .bind(room)
                     .bind(user)
                     .bind(cid)
-                    .execute(p)
+                    .execute(&mut *conn.conn)
                     .await?;
                 }
                 if !failed.is_empty() {
@@ -1217,9 +1300,10 @@ impl Store {
                     .bind(room)
                     .bind(user)
                     .bind(cid)
-                    .execute(p)
+                    .execute(&mut *conn.conn)
                     .await?;
                 }
+                conn.keep();
             }
             Store::Sqlite(p) => {
                 let mut tx = p.begin().await?;

@@ -522,3 +522,132 @@ async fn settles_never_scan_send_dedupe_postgres() {
     );
     assert_eq!(seq, 0, "sequential scans of send_dedupe by the sequencer");
 }
+
+/// A TCP proxy in front of PostgreSQL that counts the `Sync` messages clients
+/// send: one per round trip (a statement ends with one; so does sqlx's
+/// ping). Startup messages carry no type byte; everything after them does.
+async fn sync_counting_proxy(
+    upstream: String,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let syncs = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = syncs.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&upstream)
+                .await
+                .expect("PostgreSQL behind the proxy");
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+            let syncs = counter.clone();
+            tokio::spawn(async move {
+                let mut started = false;
+                loop {
+                    let (kind, len) = if started {
+                        let Ok(kind) = cr.read_u8().await else { return };
+                        let Ok(len) = cr.read_u32().await else { return };
+                        (Some(kind), len)
+                    } else {
+                        let Ok(len) = cr.read_u32().await else { return };
+                        (None, len)
+                    };
+                    let mut body = vec![0u8; len.saturating_sub(4) as usize];
+                    if cr.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    match kind {
+                        Some(b'S') => {
+                            syncs.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // The startup message (protocol 3.0) ends the
+                        // untyped part; SSL or GSS requests come before it.
+                        None => started = body.starts_with(&[0, 3, 0, 0]),
+                        Some(_) => {}
+                    }
+                    let mut frame = Vec::with_capacity(len as usize + 1);
+                    frame.extend(kind);
+                    frame.extend(len.to_be_bytes());
+                    frame.extend(body);
+                    if sw.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, syncs)
+}
+
+/// Each sequencer burst is ONE round trip to PostgreSQL: the statement. sqlx
+/// pings every connection handed back to a pool (a second round trip per
+/// burst, on the path of every send); the sequencer holds its connection
+/// instead (`store::Keyed`). Counted at the wire, through a proxy.
+#[tokio::test]
+async fn a_sequencer_burst_is_one_round_trip_postgres() {
+    use std::sync::atomic::Ordering;
+    let db = pg_db().await;
+    // postgres://[user@]host[:port]/db[?…]: the same URL, via the proxy.
+    let (scheme, rest) = db.split_once("://").expect("db url");
+    let (user, rest) = rest.rsplit_once('@').map_or(("", rest), |(u, r)| (u, r));
+    let (upstream, path) = rest.split_once('/').expect("db url");
+    let upstream = if upstream.contains(':') {
+        upstream.to_string()
+    } else {
+        format!("{upstream}:5432")
+    };
+    let (addr, syncs) = sync_counting_proxy(upstream).await;
+    let at = if user.is_empty() { "" } else { "@" };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let via = format!("{scheme}://{user}{at}{addr}/{path}{sep}sslmode=disable");
+    let store = Store::connect(&via).await.expect("store");
+    let room = RoomId::parse("chat.trips").expect("room");
+    // The first burst prepares the statement (one more round trip).
+    let first = store
+        .sequence(
+            &[SeqSend {
+                room: &room,
+                claim: Some(("u", "c0", "id0")),
+            }],
+            &[],
+        )
+        .await
+        .expect("sequence");
+    assert!(first.takes[0]);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = syncs.load(Ordering::SeqCst);
+    const BURSTS: u64 = 40;
+    for i in 1..=BURSTS {
+        let (cid, id) = (format!("c{i}"), format!("id{i}"));
+        let prev = format!("c{}", i - 1);
+        let out = store
+            .sequence(
+                &[SeqSend {
+                    room: &room,
+                    claim: Some(("u", &cid, &id)),
+                }],
+                &[key(&room, &prev)],
+            )
+            .await
+            .expect("sequence");
+        assert_eq!(out.heads[room.as_str()].seq, i as i64 + 1);
+    }
+    // A ping on release would run in a task of its own, after the call.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let trips = syncs.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        trips, BURSTS,
+        "{BURSTS} bursts made {trips} round trips to PostgreSQL"
+    );
+    store.close().await;
+}
