@@ -26,6 +26,16 @@ import time
 import relaylib
 
 
+def relay_env(backend, dburl, stamp):
+    """The relay's settings for these runs (loadtest/profile.py uses them too):
+    limits off so the generator, not a rate limit, sets the pace."""
+    return dict(BUS=backend, DATABASE_URL=dburl, KAFKA_TOPIC=f"perf-{stamp}",
+                RABBITMQ_EXCHANGE=f"perf-{stamp}", RABBITMQ_QUEUE_PREFIX=f"perf-{stamp}.",
+                PERSIST_GROUP=f"db-writer-{stamp}", ANALYTICS_GROUP=f"analytics-{stamp}",
+                PERSIST_BATCH_SIZE="2000", RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000",
+                MAX_CONNS_PER_IP="0", FLOOD_WARNINGS="false", TCP_NODELAY=os.environ.get("TCP_NODELAY", "true"))
+
+
 def one_run(args, procs, rate, prefix):
     """One loadgen run. CPU is measured over the publishing window only
     (between loadgen's publish-start / publish-end markers on stderr), so
@@ -77,11 +87,7 @@ def main():
         dburl = f"postgres://postgres@127.0.0.1:5432/{db}"
     else:
         dburl = f"sqlite://{out}/perf.db"
-    env = dict(BUS=args.backend, DATABASE_URL=dburl, KAFKA_TOPIC=f"perf-{stamp}",
-               RABBITMQ_EXCHANGE=f"perf-{stamp}", RABBITMQ_QUEUE_PREFIX=f"perf-{stamp}.",
-               PERSIST_GROUP=f"db-writer-{stamp}", ANALYTICS_GROUP=f"analytics-{stamp}",
-               PERSIST_BATCH_SIZE="2000", RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000",
-               MAX_CONNS_PER_IP="0", FLOOD_WARNINGS="false", TCP_NODELAY=os.environ.get("TCP_NODELAY", "true"))
+    env = relay_env(args.backend, dburl, stamp)
     rates = [int(x) for x in args.rate.split(",")]
     names = ["relay", "floor"] if args.server == "both" else [args.server]
     servers = {}
