@@ -7,7 +7,7 @@
 //! redelivered (or replayed) message changes nothing the second time.
 //!
 //! The SQL is written once in PostgreSQL's dialect (`$1` placeholders,
-//! `GREATEST`) and rewritten for SQLite (`?1`, `MAX`) by [`Store::sql`].
+//! `GREATEST`) and rewritten for SQLite (`?1`, `MAX`) by `Store::sql`.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -86,7 +86,7 @@ pub enum Store {
 /// two round trips to the database and woke its backend twice (`perf`: 5 %
 /// of the relay's CPU in `return_to_pool`; BENCHMARKS.md). Held, the
 /// connection is pinged only as the pool pings on acquire: after
-/// [`PING_IDLE`] without a statement. A call that fails or is cancelled
+/// `PING_IDLE` without a statement. A call that fails or is cancelled
 /// drops it back into the pool, whose release ping tells a broken
 /// connection from a good one, and the next call takes one from the pool.
 /// `tests/store_bounds.rs` counts the round trips.

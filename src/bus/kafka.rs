@@ -20,7 +20,7 @@
 //!   partition, so callers ack in delivery order (the workers do).
 //!   A nacked or dropped delivery is re-read after a restart or rebalance, not
 //!   immediately: Kafka redelivers by position, not by message.
-//! * **Replay**: [`replay`] rewinds a stopped group's committed offsets (to the
+//! * **Replay**: [`crate::replay`] rewinds a stopped group's committed offsets (to the
 //!   beginning, given offsets, or a time), so a restarted worker reprocesses
 //!   the log — rebuilding the DB or the analytics.
 

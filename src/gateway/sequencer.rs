@@ -7,7 +7,7 @@
 //! the burst's dedupe claims, and the positions of the sends that got one.
 //! The settles ride along with the next burst instead of costing a statement
 //! each: settles with no send queued behind them wait up to
-//! [`SETTLE_LINGER`] for one, and only then go out by themselves. A released
+//! `SETTLE_LINGER` for one, and only then go out by themselves. A released
 //! claim (its publish failed) is deleted before the burst so a retry inside
 //! it may claim again.
 
