@@ -93,8 +93,11 @@ pub enum Store {
 #[derive(Clone)]
 pub struct Keyed {
     pool: PgPool,
-    held: Arc<tokio::sync::Mutex<Option<(PoolConnection<Postgres>, Instant)>>>,
+    held: Arc<tokio::sync::Mutex<Held>>,
 }
+
+/// The held connection and when its last statement ended.
+type Held = Option<(PoolConnection<Postgres>, Instant)>;
 
 impl std::fmt::Debug for Keyed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,7 +108,7 @@ impl std::fmt::Debug for Keyed {
 /// The held connection, lent to one call: [`KeyedConn::keep`] puts it back;
 /// dropped without that, it goes back to the pool.
 struct KeyedConn<'a> {
-    slot: tokio::sync::MutexGuard<'a, Option<(PoolConnection<Postgres>, Instant)>>,
+    slot: tokio::sync::MutexGuard<'a, Held>,
     conn: PoolConnection<Postgres>,
 }
 
