@@ -127,9 +127,10 @@ async fn live_order_holds_across_a_producer_replacement() {
         }
     }
     // A record that reached the broker before the stall but whose answer
-    // timed out is produced again: a duplicate (at-least-once), counted
-    // apart. Order is about distinct messages: none may arrive after a
-    // message with a later position.
+    // timed out is produced again: a duplicate on the bus (at-least-once).
+    // The relay drops the second copy before the sockets
+    // (`live_duplicates_dropped_total`), so the watcher sees each message
+    // once, and none after a message with a later position.
     let mut seen = std::collections::HashSet::new();
     let (mut first_seen, mut dups) = (Vec::new(), 0);
     while first_seen.len() < acked {
@@ -155,6 +156,12 @@ async fn live_order_holds_across_a_producer_replacement() {
     );
     let (_, m) = http_get(&app.http("/metrics")).await;
     let m = m.as_str().unwrap_or_default().to_string();
+    let dropped: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("live_duplicates_dropped_total"))
+        .collect();
+    eprintln!("bus repeats dropped before the sockets: {dropped:?}");
+    assert_eq!(dups, 0, "each message reached the watcher once");
     assert!(
         m.contains("kafka_producers_replaced_total"),
         "the stall replaced the producer (the case under test)"

@@ -89,6 +89,25 @@ struct Room {
     last_seq: Option<i64>,
 }
 
+/// Whether `f` is a message this instance already pushed to the room. The
+/// bus can hand a message over twice: Kafka produces a record again when the
+/// broker's answer was lost (at-least-once), and a catch-up can find in the
+/// database what the live stream brings a moment later. Looked up by id in
+/// the recent ring, and only when the message is not past the room's last
+/// position, so a message in order costs one comparison. A repeat older than
+/// the ring gets through.
+fn already_delivered(r: &Room, f: &Frame) -> bool {
+    let Some(id) = f.id.as_deref() else {
+        return false;
+    };
+    if let (Some(q), Some(last)) = (f.seq, r.last_seq)
+        && q > last
+    {
+        return false;
+    }
+    r.recent.iter().any(|g| g.id.as_deref() == Some(id))
+}
+
 /// Largest number of frames held back for one member during a join.
 const MAX_HELD: usize = 4096;
 
@@ -290,6 +309,10 @@ impl Rooms {
         let Some(mut r) = self.rooms.get_mut(room) else {
             return 0;
         };
+        if already_delivered(&r, &frame) {
+            metrics::counter!("live_duplicates_dropped_total").increment(1);
+            return 0;
+        }
         let mut n = 0;
         for m in r.local.values_mut() {
             match &mut m.sink {
