@@ -219,7 +219,7 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
         # A message the bus handed over twice is dropped by each gateway
         # before its sockets, so the clients' duplicate count no longer
         # shows it: the gateways' own count does (the backend's nature).
-        result["live_repeats_dropped"] = repeats = sum(g.metric("live_duplicates_dropped_total") for g in gateways)
+        result["live_repeats_dropped"] = dropped = sum(g.metric("live_duplicates_dropped_total") for g in gateways)
         result["generator_exit"] = load.returncode
         result["relay_cpu_pct"] = {r.name: round(100 * (cpu_seconds(r.proc.pid) - cpu0[r.name]) / elapsed, 1) for r in procs}
         result["relay_rss_mb"] = {r.name: round(rss_mb(r.proc.pid), 1) for r in procs}
@@ -275,7 +275,7 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
                                    error_frames=ffan.get("raw", {}).get("error_codes", {}),
                                    live=dict(lost=ffan["lost"], dup=ffan["duplicates"], reordered=ffan["reordered"],
                                              repeats_dropped=sum(g.metric("live_duplicates_dropped_total")
-                                                                 for g in gateways) - repeats))
+                                                                 for g in gateways) - dropped))
             print(f"   fault: {result['fault']}", flush=True)
     finally:
         for r in procs:

@@ -36,6 +36,15 @@ def relay_env(backend, dburl, stamp):
                 MAX_CONNS_PER_IP="0", FLOOD_WARNINGS="false", TCP_NODELAY=os.environ.get("TCP_NODELAY", "true"))
 
 
+def us_per_delivery(marks, names, deliveries_per_s):
+    """CPU µs per delivery of the processes `names` over the publishing
+    window: loadgen's publish-start / publish-end marks (time, CPU seconds
+    by process name; `relaylib.Loadgen.marks`)."""
+    (t0, c0), (t1, c1) = marks["publish-start"], marks["publish-end"]
+    delivered = deliveries_per_s * (t1 - t0)
+    return 1e6 * sum(c1[n] - c0[n] for n in names) / max(delivered, 1)
+
+
 def one_run(args, procs, rate, prefix):
     """One loadgen run. CPU is measured over the publishing window only
     (between loadgen's publish-start / publish-end markers on stderr), so
@@ -54,8 +63,7 @@ def one_run(args, procs, rate, prefix):
         r["relay_cpu_pct"] = {p.name: pct[p.name] for p in procs}
         r["loadgen_cpu_pct"] = pct["loadgen"]
         # Relay CPU time per delivery, over every relay process (µs).
-        delivered = r["deliveries_per_s"] * (t1 - t0)
-        r["relay_us_per_delivery"] = round(1e6 * sum(c1[p.name] - c0[p.name] for p in procs) / max(delivered, 1), 1)
+        r["relay_us_per_delivery"] = round(us_per_delivery(marks, [p.name for p in procs], r["deliveries_per_s"]), 1)
     else:
         r["relay_cpu_pct"], r["loadgen_cpu_pct"], r["relay_us_per_delivery"] = {}, 0, 0
     r["relay_rss_mb"] = {p.name: round(relaylib.rss_mb(p.proc.pid)) for p in procs}

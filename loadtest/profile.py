@@ -101,9 +101,7 @@ def one_run(args, server, cats, prefix, out):
     rec.start()
     r = gen.result()
     rec.join()
-    (t0, c0), (t1, c1) = gen.marks["publish-start"], gen.marks["publish-end"]
-    delivered = r["deliveries_per_s"] * (t1 - t0)
-    us = 1e6 * (c1[server.name] - c0[server.name]) / max(delivered, 1)
+    us = perfpy.us_per_delivery(gen.marks, [server.name], r["deliveries_per_s"])
     shares, samples = attribute(data, cats)
     os.remove(data)
     return dict(us_per_delivery=us, shares=shares, samples=samples, p99=r["e2e_ms"]["p99"], lost=r["lost"])
