@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::rooms::{Frame, Rooms};
+use super::rooms::{Dispatched, Frame, Rooms};
 use super::{Gateway, recovery};
 use crate::bus::reconnect::{Backoff, resubscribe_loop};
 use crate::bus::{Delivery, SubscribeOptions};
@@ -100,7 +100,11 @@ fn catch_up_all(gw: &Arc<Gateway>) {
 }
 
 /// Pushes one bus delivery to the room's local members (and records presence
-/// from other instances). Returns how many sockets got it.
+/// from other instances). Returns how many sockets got it. A message the bus
+/// hands over again while its first copy is in the room's recent ring (Kafka
+/// re-produces a record whose answer was lost) is dropped and counted in
+/// `live_duplicates_dropped_total`, so the backend's at-least-once stays
+/// visible without reaching the clients twice.
 fn deliver(rooms: &Rooms, d: &Delivery) -> usize {
     let (Ok(text), Ok(ev)) = (
         Utf8Bytes::try_from(d.payload.clone()),
@@ -123,5 +127,11 @@ fn deliver(rooms: &Rooms, d: &Delivery) -> usize {
             (None, None)
         }
     };
-    rooms.dispatch(&d.room, Frame { id, seq, text })
+    match rooms.dispatch(&d.room, Frame { id, seq, text }) {
+        Dispatched::To(n) => n,
+        Dispatched::Repeat => {
+            metrics::counter!("live_duplicates_dropped_total").increment(1);
+            0
+        }
+    }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 
 use super::Gateway;
-use super::rooms::{ConnId, Frame};
+use super::rooms::{ConnId, Dispatched, Frame};
 use crate::protocol::{BusEvent, ChatMessage, RoomId, ServerFrame};
 use crate::store::RoomHead;
 
@@ -206,14 +206,12 @@ pub async fn catch_up(gw: &Gateway, room: &RoomId, from: i64) {
         Some(h) => account(gw, room, from, h, || gw.rooms.recent(room)).await,
         None => (BTreeMap::new(), false),
     };
-    let delivered: HashSet<i64> = gw.rooms.recent(room).iter().filter_map(|f| f.seq).collect();
-    let mut filled = 0u64;
-    for (q, f) in found {
-        if !delivered.contains(&q) {
-            gw.rooms.dispatch(room, f);
-            filled += 1;
-        }
-    }
+    // What the live stream brought meanwhile is in the ring: dispatch skips it.
+    let filled = found
+        .into_values()
+        .map(|f| gw.rooms.dispatch(room, f))
+        .filter(|d| *d != Dispatched::Repeat)
+        .count() as u64;
     metrics::counter!("live_gap_filled_total").increment(filled);
     if !complete {
         metrics::counter!("live_gap_told_total").increment(1);

@@ -108,6 +108,16 @@ fn already_delivered(r: &Room, f: &Frame) -> bool {
     r.recent.iter().any(|g| g.id.as_deref() == Some(id))
 }
 
+/// What [`Rooms::dispatch`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatched {
+    /// Pushed to (or held for) this many local members; 0 when the room has
+    /// none here.
+    To(usize),
+    /// Dropped: the same message is in the room's recent ring.
+    Repeat,
+}
+
 /// Largest number of frames held back for one member during a join.
 const MAX_HELD: usize = 4096;
 
@@ -301,17 +311,18 @@ impl Rooms {
         }
     }
 
-    /// Pushes one frame to every local member of `room`. Returns how many got it.
+    /// Pushes one frame to every local member of `room`, unless it is a
+    /// message this instance already pushed there ([`Dispatched::Repeat`]:
+    /// the caller knows what a repeat means and counts it).
     /// A `/ws` member's socket is written here, under the registry's lock for
     /// the room: one `write` each, never a wait — a socket that cannot take
     /// the frame at once gets it queued for its writer task.
-    pub fn dispatch(&self, room: &RoomId, frame: Frame) -> usize {
+    pub fn dispatch(&self, room: &RoomId, frame: Frame) -> Dispatched {
         let Some(mut r) = self.rooms.get_mut(room) else {
-            return 0;
+            return Dispatched::To(0);
         };
         if already_delivered(&r, &frame) {
-            metrics::counter!("live_duplicates_dropped_total").increment(1);
-            return 0;
+            return Dispatched::Repeat;
         }
         let mut n = 0;
         for m in r.local.values_mut() {
@@ -338,7 +349,7 @@ impl Rooms {
             }
             r.recent.push_back(frame);
         }
-        n
+        Dispatched::To(n)
     }
 
     /// Records that the room's stream is known up to position `seq` (a
