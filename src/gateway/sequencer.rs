@@ -10,8 +10,15 @@
 //! `SETTLE_LINGER` for one, and only then go out by themselves. A released
 //! claim (its publish failed) is deleted before the burst so a retry inside
 //! it may claim again.
+//!
+//! A settle (one per send with a `cid`) does not even wake the task: it is
+//! parked, the next burst takes it, and the task looks for parked settles by
+//! itself `SETTLE_LINGER` after its last burst. Only a settle that finds the
+//! task no longer looking wakes it. Under steady traffic that saves a thread
+//! wake-up per message (BENCHMARKS.md).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -50,32 +57,66 @@ struct Request {
     reply: oneshot::Sender<Result<Next, String>>,
 }
 
-/// What the batching task is asked: a position, or a claim's outcome.
+/// What the batching task is asked: a position, or to look at the parked
+/// settles (it stopped looking by itself).
 enum Job {
     Next(Request),
-    Settle { key: SendKey, published: bool },
+    Look,
+}
+
+/// Claims' outcomes waiting for the next statement, and whether the task
+/// will look at them without being woken (it does until `SETTLE_LINGER`
+/// passes with neither a burst nor a settle).
+#[derive(Default)]
+struct Parked {
+    kept: Vec<SendKey>,
+    released: Vec<SendKey>,
+    watched: bool,
+}
+
+type Shared = Arc<Mutex<Parked>>;
+
+/// Takes the parked outcomes (kept, released) and records whether the task
+/// will look again by itself: after a burst it does; otherwise only when it
+/// found some (with none, the next settle wakes it).
+fn take_parked(parked: &Shared, after_burst: bool) -> (Vec<SendKey>, Vec<SendKey>) {
+    let mut p = parked.lock().unwrap_or_else(PoisonError::into_inner);
+    p.watched = after_burst || !p.kept.is_empty() || !p.released.is_empty();
+    (std::mem::take(&mut p.kept), std::mem::take(&mut p.released))
 }
 
 /// The handle sends use; the batching task ends when the last handle is
 /// dropped.
 pub struct Sequencer {
     tx: mpsc::Sender<Job>,
+    parked: Shared,
 }
 
 impl Sequencer {
     /// Starts the batching task (needs a Tokio runtime).
     pub fn spawn(store: Store) -> Sequencer {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(run(store, rx));
-        Sequencer { tx }
+        let parked = Shared::default();
+        tokio::spawn(run(store, rx, parked.clone()));
+        Sequencer { tx, parked }
     }
 
-    /// Queues the outcome of claim `key` after the bus answered: kept
+    /// Records the outcome of claim `key` after the bus answered: kept
     /// (`published`: a retry gets the original id) or released (a retry may
     /// publish). The `ack` does not wait for it; a retry racing it waits for
-    /// the claim as before.
+    /// the claim as before. Wakes the batching task only when it stopped
+    /// looking at the parked outcomes.
     pub async fn settle(&self, key: SendKey, published: bool) {
-        if self.tx.send(Job::Settle { key, published }).await.is_err() {
+        let wake = {
+            let mut p = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+            if published {
+                p.kept.push(key);
+            } else {
+                p.released.push(key);
+            }
+            !std::mem::replace(&mut p.watched, true)
+        };
+        if wake && self.tx.send(Job::Look).await.is_err() {
             tracing::warn!("send dedupe: the sequencer stopped; claim not settled");
         }
     }
@@ -110,38 +151,45 @@ fn burst<T>(first: T, rx: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
     batch
 }
 
-/// Settles only: waits up to [`SETTLE_LINGER`] for a send, then takes it
-/// and whatever queued behind it.
-async fn linger(jobs: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>) {
-    let deadline = tokio::time::Instant::now() + SETTLE_LINGER;
-    while jobs.len() < MAX_BATCH {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(j @ Job::Next(_))) => {
-                let room = MAX_BATCH - jobs.len();
-                jobs.extend(burst(j, rx, room));
-                return;
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>, parked: Shared) {
+    // While outcomes may still be parked, the task looks at them
+    // SETTLE_LINGER after its last burst (pushed back by every burst, so
+    // steady traffic never fires it).
+    let look = tokio::time::sleep(SETTLE_LINGER);
+    tokio::pin!(look);
+    let mut looking = false;
+    loop {
+        let first = tokio::select! {
+            biased;
+            j = rx.recv() => match j {
+                Some(j) => j,
+                None => break,
+            },
+            () = &mut look, if looking => {
+                let (kept, released) = take_parked(&parked, false);
+                looking = !kept.is_empty() || !released.is_empty();
+                if looking {
+                    look.as_mut().reset(tokio::time::Instant::now() + SETTLE_LINGER);
+                    settle(&store, &kept, &released).await;
+                }
+                continue;
             }
-            Ok(Some(j)) => jobs.push(j),
-            Ok(None) | Err(_) => return,
+        };
+        let batch: Vec<Request> = burst(first, &mut rx, MAX_BATCH)
+            .into_iter()
+            .filter_map(|j| match j {
+                Job::Next(r) => Some(r),
+                Job::Look => None,
+            })
+            .collect();
+        looking = true;
+        look.as_mut()
+            .reset(tokio::time::Instant::now() + SETTLE_LINGER);
+        if batch.is_empty() {
+            // Woken for settles only: they wait for a send to ride along with.
+            continue;
         }
-    }
-}
-
-async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = burst(first, &mut rx, MAX_BATCH);
-        if jobs.iter().all(|j| matches!(j, Job::Settle { .. })) {
-            linger(&mut jobs, &mut rx).await;
-        }
-        let mut batch = Vec::new();
-        let (mut acked, mut failed) = (Vec::new(), Vec::new());
-        for job in jobs {
-            match job {
-                Job::Next(r) => batch.push(r),
-                Job::Settle { key, published } if published => acked.push(key),
-                Job::Settle { key, .. } => failed.push(key),
-            }
-        }
+        let (acked, failed) = take_parked(&parked, true);
         metrics::histogram!("sequencer_batch_size").record(batch.len() as f64);
         // Released claims go first (a retry in this burst may claim again),
         // and so do confirmations of keys this burst claims again (one
@@ -155,18 +203,10 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
                     .map(|c| (r.room.as_str(), c.user.as_str(), c.cid.as_str()))
             })
             .collect();
-        let (early, ride): (Vec<SendKey>, Vec<SendKey>) = acked.into_iter().partition(|k| {
-            batch.is_empty()
-                || claimed.contains(&(k.room.as_str(), k.user.as_str(), k.cid.as_str()))
-        });
-        if (!early.is_empty() || !failed.is_empty())
-            && let Err(e) = store.settle_sends(&early, &failed).await
-        {
-            tracing::warn!(error = %e, "send dedupe: claims not settled");
-        }
-        if batch.is_empty() {
-            continue;
-        }
+        let (early, ride): (Vec<SendKey>, Vec<SendKey>) = acked
+            .into_iter()
+            .partition(|k| claimed.contains(&(k.room.as_str(), k.user.as_str(), k.cid.as_str())));
+        settle(&store, &early, &failed).await;
         let sends: Vec<SeqSend<'_>> = batch
             .iter()
             .map(|r| SeqSend {
@@ -183,11 +223,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
                 // Nothing of the statement happened: the confirmations are
                 // retried alone, and every send of the burst fails (its
                 // claim, if any, was not made).
-                if !ride.is_empty()
-                    && let Err(e) = store.settle_sends(&ride, &[]).await
-                {
-                    tracing::warn!(error = %e, "send dedupe: claims not settled");
-                }
+                settle(&store, &ride, &[]).await;
                 let msg = e.to_string();
                 for r in batch {
                     let _ = r.reply.send(Err(msg.clone()));
@@ -225,5 +261,119 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
             };
             let _ = r.reply.send(answer);
         }
+    }
+    // Every handle is gone: what is still parked goes out now.
+    let (kept, released) = take_parked(&parked, false);
+    settle(&store, &kept, &released).await;
+}
+
+/// One statement for claims' outcomes alone (none: no statement).
+async fn settle(store: &Store, kept: &[SendKey], released: &[SendKey]) {
+    if (!kept.is_empty() || !released.is_empty())
+        && let Err(e) = store.settle_sends(kept, released).await
+    {
+        tracing::warn!(error = %e, "send dedupe: claims not settled");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn setup() -> (tempfile::TempDir, Store, RoomId) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("seq.db").display());
+        let store = Store::connect(&url).await.expect("store");
+        (dir, store, RoomId::parse("chat.seq").expect("room"))
+    }
+
+    fn key(room: &RoomId, cid: &str) -> SendKey {
+        SendKey {
+            room: room.clone(),
+            user: "u".into(),
+            cid: cid.into(),
+        }
+    }
+
+    fn claim(cid: &str, id: &str) -> Option<Claim> {
+        Some(Claim {
+            user: "u".into(),
+            cid: cid.into(),
+            id: id.into(),
+        })
+    }
+
+    /// The claim of `cid` as another send would find it: `Some(confirmed)`,
+    /// or `None` when it is gone (the probe then holds it).
+    async fn probe(store: &Store, room: &RoomId, cid: &str) -> Option<bool> {
+        let found = store.claim_send(room, "u", cid, "probe").await.expect("probe");
+        found.map(|c| c.confirmed)
+    }
+
+    /// Waits until `cid`'s claim reads `want` (a settle needs no later send
+    /// to reach the database; the bound only keeps a broken build from
+    /// hanging, it is not a timing).
+    async fn until(store: &Store, room: &RoomId, cid: &str, want: Option<bool>) {
+        let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while probe(store, room, cid).await != want {
+            assert!(tokio::time::Instant::now() < give_up, "{cid}: never {want:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settle_reaches_the_database_with_no_send_behind_it() {
+        let (_dir, store, room) = setup().await;
+        let seq = Sequencer::spawn(store.clone());
+        for (i, cid) in ["kept", "released"].into_iter().enumerate() {
+            let next = seq.next(&room, claim(cid, &format!("m{i}"))).await;
+            assert!(matches!(next, Ok(Next::Position(_))), "{next:?}");
+        }
+        assert_eq!(probe(&store, &room, "kept").await, Some(false));
+        seq.settle(key(&room, "kept"), true).await;
+        seq.settle(key(&room, "released"), false).await;
+        until(&store, &room, "kept", Some(true)).await;
+        // Released: gone, so the probe took it.
+        until(&store, &room, "released", Some(false)).await;
+    }
+
+    #[tokio::test]
+    async fn settles_ride_with_later_sends_and_wake_the_task_after_a_quiet_spell() {
+        let (_dir, store, room) = setup().await;
+        let seq = Sequencer::spawn(store.clone());
+        // Steady traffic: each settle is parked and taken by a later burst.
+        for i in 0..20 {
+            let cid = format!("c{i}");
+            let next = seq.next(&room, claim(&cid, &format!("m{i}"))).await;
+            assert!(matches!(next, Ok(Next::Position(_))), "{next:?}");
+            seq.settle(key(&room, &cid), true).await;
+        }
+        until(&store, &room, "c19", Some(true)).await;
+        for i in 0..19 {
+            assert_eq!(probe(&store, &room, &format!("c{i}")).await, Some(true));
+        }
+        // Quiet long enough for the task to stop looking: the next settle
+        // has to wake it.
+        tokio::time::sleep(SETTLE_LINGER * 5).await;
+        assert!(!seq.parked.lock().expect("lock").watched);
+        let next = seq.next(&room, claim("late", "m-late")).await;
+        assert!(matches!(next, Ok(Next::Position(_))), "{next:?}");
+        tokio::time::sleep(SETTLE_LINGER * 5).await;
+        seq.settle(key(&room, "late"), true).await;
+        until(&store, &room, "late", Some(true)).await;
+        // A retry of a kept claim is told, not given a second position.
+        let again = seq.next(&room, claim("c3", "m-retry")).await;
+        assert!(matches!(again, Ok(Next::Claimed)), "{again:?}");
+    }
+
+    #[tokio::test]
+    async fn what_is_parked_when_the_last_handle_goes_is_written() {
+        let (_dir, store, room) = setup().await;
+        let seq = Sequencer::spawn(store.clone());
+        let next = seq.next(&room, claim("c", "m")).await;
+        assert!(matches!(next, Ok(Next::Position(_))), "{next:?}");
+        seq.settle(key(&room, "c"), true).await;
+        drop(seq);
+        until(&store, &room, "c", Some(true)).await;
     }
 }
