@@ -64,8 +64,14 @@ def one_run(args, procs, rate, prefix):
         r["loadgen_cpu_pct"] = pct["loadgen"]
         # Relay CPU time per delivery, over every relay process (µs).
         r["relay_us_per_delivery"] = round(us_per_delivery(marks, [p.name for p in procs], r["deliveries_per_s"]), 1)
+        # The server's context switches per message sent: its thread
+        # wake-ups, a cost shared by the message's deliveries.
+        s0, s1 = gen.switches["publish-start"], gen.switches["publish-end"]
+        sent = rate * (t1 - t0)
+        r["switches_per_msg"] = round(sum(s1[p.name] - s0[p.name] for p in procs) / max(sent, 1), 2)
     else:
         r["relay_cpu_pct"], r["loadgen_cpu_pct"], r["relay_us_per_delivery"] = {}, 0, 0
+        r["switches_per_msg"] = 0
     r["relay_rss_mb"] = {p.name: round(relaylib.rss_mb(p.proc.pid)) for p in procs}
     return r
 
@@ -122,7 +128,8 @@ def main():
                     print(f"{name} {rate} msg/s run {i + 1}: {r['deliveries_per_s']:>9.0f} deliveries/s  p50 {e['p50']:.2f} ms  "
                           f"p99 {e['p99']:.2f} ms  p99.9 {e['p999']:.2f} ms  lost {r['lost']} dup {r['duplicates']} "
                           f"reordered {r['reordered']}  late sends {r['late_sends']}  server CPU {r['relay_cpu_pct']} "
-                          f"({r['relay_us_per_delivery']} µs/delivery)  loadgen CPU {r['loadgen_cpu_pct']}%", flush=True)
+                          f"({r['relay_us_per_delivery']} µs/delivery, {r['switches_per_msg']} context switches/msg)  "
+                          f"loadgen CPU {r['loadgen_cpu_pct']}%", flush=True)
     finally:
         for ps in servers.values():
             for p in ps:

@@ -10,15 +10,8 @@
 //! `SETTLE_LINGER` for one, and only then go out by themselves. A released
 //! claim (its publish failed) is deleted before the burst so a retry inside
 //! it may claim again.
-//!
-//! A settle (one per send with a `cid`) does not even wake the task: it is
-//! parked, the next burst takes it, and the task looks for parked settles by
-//! itself `SETTLE_LINGER` after its last burst. Only a settle that finds the
-//! task no longer looking wakes it. Under steady traffic that saves a thread
-//! wake-up per message (BENCHMARKS.md).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,66 +50,32 @@ struct Request {
     reply: oneshot::Sender<Result<Next, String>>,
 }
 
-/// What the batching task is asked: a position, or to look at the parked
-/// settles (it stopped looking by itself).
+/// What the batching task is asked: a position, or a claim's outcome.
 enum Job {
     Next(Request),
-    Look,
-}
-
-/// Claims' outcomes waiting for the next statement, and whether the task
-/// will look at them without being woken (it does until `SETTLE_LINGER`
-/// passes with neither a burst nor a settle).
-#[derive(Default)]
-struct Parked {
-    kept: Vec<SendKey>,
-    released: Vec<SendKey>,
-    watched: bool,
-}
-
-type Shared = Arc<Mutex<Parked>>;
-
-/// Takes the parked outcomes (kept, released) and records whether the task
-/// will look again by itself: after a burst it does; otherwise only when it
-/// found some (with none, the next settle wakes it).
-fn take_parked(parked: &Shared, after_burst: bool) -> (Vec<SendKey>, Vec<SendKey>) {
-    let mut p = parked.lock().unwrap_or_else(PoisonError::into_inner);
-    p.watched = after_burst || !p.kept.is_empty() || !p.released.is_empty();
-    (std::mem::take(&mut p.kept), std::mem::take(&mut p.released))
+    Settle { key: SendKey, published: bool },
 }
 
 /// The handle sends use; the batching task ends when the last handle is
 /// dropped.
 pub struct Sequencer {
     tx: mpsc::Sender<Job>,
-    parked: Shared,
 }
 
 impl Sequencer {
     /// Starts the batching task (needs a Tokio runtime).
     pub fn spawn(store: Store) -> Sequencer {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        let parked = Shared::default();
-        tokio::spawn(run(store, rx, parked.clone()));
-        Sequencer { tx, parked }
+        tokio::spawn(run(store, rx));
+        Sequencer { tx }
     }
 
-    /// Records the outcome of claim `key` after the bus answered: kept
+    /// Queues the outcome of claim `key` after the bus answered: kept
     /// (`published`: a retry gets the original id) or released (a retry may
     /// publish). The `ack` does not wait for it; a retry racing it waits for
-    /// the claim as before. Wakes the batching task only when it stopped
-    /// looking at the parked outcomes.
+    /// the claim as before.
     pub async fn settle(&self, key: SendKey, published: bool) {
-        let wake = {
-            let mut p = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
-            if published {
-                p.kept.push(key);
-            } else {
-                p.released.push(key);
-            }
-            !std::mem::replace(&mut p.watched, true)
-        };
-        if wake && self.tx.send(Job::Look).await.is_err() {
+        if self.tx.send(Job::Settle { key, published }).await.is_err() {
             tracing::warn!("send dedupe: the sequencer stopped; claim not settled");
         }
     }
@@ -151,45 +110,38 @@ fn burst<T>(first: T, rx: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
     batch
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Job>, parked: Shared) {
-    // While outcomes may still be parked, the task looks at them
-    // SETTLE_LINGER after its last burst (pushed back by every burst, so
-    // steady traffic never fires it).
-    let look = tokio::time::sleep(SETTLE_LINGER);
-    tokio::pin!(look);
-    let mut looking = false;
-    loop {
-        let first = tokio::select! {
-            biased;
-            j = rx.recv() => match j {
-                Some(j) => j,
-                None => break,
-            },
-            () = &mut look, if looking => {
-                let (kept, released) = take_parked(&parked, false);
-                looking = !kept.is_empty() || !released.is_empty();
-                if looking {
-                    look.as_mut().reset(tokio::time::Instant::now() + SETTLE_LINGER);
-                    settle(&store, &kept, &released).await;
-                }
-                continue;
+/// Settles only: waits up to [`SETTLE_LINGER`] for a send, then takes it
+/// and whatever queued behind it.
+async fn linger(jobs: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>) {
+    let deadline = tokio::time::Instant::now() + SETTLE_LINGER;
+    while jobs.len() < MAX_BATCH {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(j @ Job::Next(_))) => {
+                let room = MAX_BATCH - jobs.len();
+                jobs.extend(burst(j, rx, room));
+                return;
             }
-        };
-        let batch: Vec<Request> = burst(first, &mut rx, MAX_BATCH)
-            .into_iter()
-            .filter_map(|j| match j {
-                Job::Next(r) => Some(r),
-                Job::Look => None,
-            })
-            .collect();
-        looking = true;
-        look.as_mut()
-            .reset(tokio::time::Instant::now() + SETTLE_LINGER);
-        if batch.is_empty() {
-            // Woken for settles only: they wait for a send to ride along with.
-            continue;
+            Ok(Some(j)) => jobs.push(j),
+            Ok(None) | Err(_) => return,
         }
-        let (acked, failed) = take_parked(&parked, true);
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = burst(first, &mut rx, MAX_BATCH);
+        if jobs.iter().all(|j| matches!(j, Job::Settle { .. })) {
+            linger(&mut jobs, &mut rx).await;
+        }
+        let mut batch = Vec::new();
+        let (mut acked, mut failed) = (Vec::new(), Vec::new());
+        for job in jobs {
+            match job {
+                Job::Next(r) => batch.push(r),
+                Job::Settle { key, published } if published => acked.push(key),
+                Job::Settle { key, .. } => failed.push(key),
+            }
+        }
         metrics::histogram!("sequencer_batch_size").record(batch.len() as f64);
         // Released claims go first (a retry in this burst may claim again),
         // and so do confirmations of keys this burst claims again (one
@@ -203,10 +155,18 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, parked: Shared) {
                     .map(|c| (r.room.as_str(), c.user.as_str(), c.cid.as_str()))
             })
             .collect();
-        let (early, ride): (Vec<SendKey>, Vec<SendKey>) = acked
-            .into_iter()
-            .partition(|k| claimed.contains(&(k.room.as_str(), k.user.as_str(), k.cid.as_str())));
-        settle(&store, &early, &failed).await;
+        let (early, ride): (Vec<SendKey>, Vec<SendKey>) = acked.into_iter().partition(|k| {
+            batch.is_empty()
+                || claimed.contains(&(k.room.as_str(), k.user.as_str(), k.cid.as_str()))
+        });
+        if (!early.is_empty() || !failed.is_empty())
+            && let Err(e) = store.settle_sends(&early, &failed).await
+        {
+            tracing::warn!(error = %e, "send dedupe: claims not settled");
+        }
+        if batch.is_empty() {
+            continue;
+        }
         let sends: Vec<SeqSend<'_>> = batch
             .iter()
             .map(|r| SeqSend {
@@ -223,7 +183,11 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, parked: Shared) {
                 // Nothing of the statement happened: the confirmations are
                 // retried alone, and every send of the burst fails (its
                 // claim, if any, was not made).
-                settle(&store, &ride, &[]).await;
+                if !ride.is_empty()
+                    && let Err(e) = store.settle_sends(&ride, &[]).await
+                {
+                    tracing::warn!(error = %e, "send dedupe: claims not settled");
+                }
                 let msg = e.to_string();
                 for r in batch {
                     let _ = r.reply.send(Err(msg.clone()));
@@ -261,18 +225,6 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, parked: Shared) {
             };
             let _ = r.reply.send(answer);
         }
-    }
-    // Every handle is gone: what is still parked goes out now.
-    let (kept, released) = take_parked(&parked, false);
-    settle(&store, &kept, &released).await;
-}
-
-/// One statement for claims' outcomes alone (none: no statement).
-async fn settle(store: &Store, kept: &[SendKey], released: &[SendKey]) {
-    if (!kept.is_empty() || !released.is_empty())
-        && let Err(e) = store.settle_sends(kept, released).await
-    {
-        tracing::warn!(error = %e, "send dedupe: claims not settled");
     }
 }
 
@@ -338,7 +290,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn settles_ride_with_later_sends_and_wake_the_task_after_a_quiet_spell() {
+    async fn settles_ride_with_later_sends_and_go_alone_after_a_quiet_spell() {
         let (_dir, store, room) = setup().await;
         let seq = Sequencer::spawn(store.clone());
         // Steady traffic: each settle is parked and taken by a later burst.
@@ -352,10 +304,8 @@ mod tests {
         for i in 0..19 {
             assert_eq!(probe(&store, &room, &format!("c{i}")).await, Some(true));
         }
-        // Quiet long enough for the task to stop looking: the next settle
-        // has to wake it.
+        // After a quiet spell, a send and then its settle alone.
         tokio::time::sleep(SETTLE_LINGER * 5).await;
-        assert!(!seq.parked.lock().expect("lock").watched);
         let next = seq.next(&room, claim("late", "m-late")).await;
         assert!(matches!(next, Ok(Next::Position(_))), "{next:?}");
         tokio::time::sleep(SETTLE_LINGER * 5).await;
@@ -367,7 +317,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn what_is_parked_when_the_last_handle_goes_is_written() {
+    async fn a_settle_queued_when_the_last_handle_goes_is_written() {
         let (_dir, store, room) = setup().await;
         let seq = Sequencer::spawn(store.clone());
         let next = seq.next(&room, claim("c", "m")).await;
