@@ -258,7 +258,10 @@ mod tests {
     /// The claim of `cid` as another send would find it: `Some(confirmed)`,
     /// or `None` when it is gone (the probe then holds it).
     async fn probe(store: &Store, room: &RoomId, cid: &str) -> Option<bool> {
-        let found = store.claim_send(room, "u", cid, "probe").await.expect("probe");
+        let found = store
+            .claim_send(room, "u", cid, "probe")
+            .await
+            .expect("probe");
         found.map(|c| c.confirmed)
     }
 
@@ -268,7 +271,10 @@ mod tests {
     async fn until(store: &Store, room: &RoomId, cid: &str, want: Option<bool>) {
         let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         while probe(store, room, cid).await != want {
-            assert!(tokio::time::Instant::now() < give_up, "{cid}: never {want:?}");
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "{cid}: never {want:?}"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
