@@ -51,8 +51,14 @@ def one_run(args, procs, rate, prefix):
     connecting thousands of subscribers does not dilute it."""
     cmd = relaylib.loadgen_cmd(procs[:1], args.rooms, args.subs, args.publishers, rate, args.seconds,
                                args.size, prefix)
+    # Sends per sequencer burst (the relay's own histogram; the floor has none).
+    seq = [p for p in procs if isinstance(p, relaylib.Relay)][:1]
+    bursts0 = [(p.metric("sequencer_batch_size_sum"), p.metric("sequencer_batch_size_count")) for p in seq]
     gen = relaylib.Loadgen(cmd, pids={p.name: p.proc.pid for p in procs})
     r = gen.result()
+    for p, (s0, c0) in zip(seq, bursts0):
+        s1, c1 = p.metric("sequencer_batch_size_sum"), p.metric("sequencer_batch_size_count")
+        r["sends_per_burst"] = round((s1 - s0) / max(c1 - c0, 1), 2)
     for line in gen.errors:
         sys.stderr.write(line + "\n")
     marks = {m: v for m, v in gen.marks.items() if m in ("publish-start", "publish-end")}
@@ -128,7 +134,8 @@ def main():
                     print(f"{name} {rate} msg/s run {i + 1}: {r['deliveries_per_s']:>9.0f} deliveries/s  p50 {e['p50']:.2f} ms  "
                           f"p99 {e['p99']:.2f} ms  p99.9 {e['p999']:.2f} ms  lost {r['lost']} dup {r['duplicates']} "
                           f"reordered {r['reordered']}  late sends {r['late_sends']}  server CPU {r['relay_cpu_pct']} "
-                          f"({r['relay_us_per_delivery']} µs/delivery, {r['switches_per_msg']} context switches/msg)  "
+                          f"({r['relay_us_per_delivery']} µs/delivery, {r['switches_per_msg']} context switches/msg"
+                          + (f", {r['sends_per_burst']} sends per sequencer burst" if "sends_per_burst" in r else "") + ")  "
                           f"loadgen CPU {r['loadgen_cpu_pct']}%", flush=True)
     finally:
         for ps in servers.values():
