@@ -299,7 +299,7 @@ mod tests {
     async fn settles_ride_with_later_sends_and_go_alone_after_a_quiet_spell() {
         let (_dir, store, room) = setup().await;
         let seq = Sequencer::spawn(store.clone());
-        // Steady traffic: each settle is parked and taken by a later burst.
+        // Steady traffic: each settle rides along with a later burst.
         for i in 0..20 {
             let cid = format!("c{i}");
             let next = seq.next(&room, claim(&cid, &format!("m{i}"))).await;
