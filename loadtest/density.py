@@ -39,9 +39,7 @@ def main():
             sys.exit(f"need {want} open files per process but the hard limit is {hard} and cannot be "
                      f"raised here: at most --conns {hard - 512} on this machine")
     relaylib.build()
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    out = os.path.join(relaylib.ROOT, "loadtest/results", f"density-{stamp}")
-    os.makedirs(out, exist_ok=True)
+    stamp, out = relaylib.results_dir("density")
     env = dict(BUS="memory", DATABASE_URL=f"sqlite://{out}/density.db", MAX_CONNS_PER_IP="0",
                MAX_MEMBERS_PER_ROOM=str(args.conns), HISTORY_ON_JOIN="0")
     relay = relaylib.Relay("density", env, "gateway,persist,analytics", out)

@@ -65,12 +65,8 @@ def main():
     ap.add_argument("--settle", type=int, default=3, help="seconds after start / after the joins before measuring")
     args = ap.parse_args()
     relaylib.build()
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    out = os.path.join(relaylib.ROOT, "loadtest/results", f"idle-{args.bus}-{stamp}")
-    os.makedirs(out, exist_ok=True)
-    db = f"idle_{stamp}"
-    relaylib.psql(f"CREATE DATABASE {db}")
-    env = dict(BUS=args.bus, DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{db}", MAX_CONNS_PER_IP="0",
+    stamp, out = relaylib.results_dir(f"idle-{args.bus}")
+    env = dict(BUS=args.bus, DATABASE_URL=relaylib.fresh_database(f"idle_{stamp}"), MAX_CONNS_PER_IP="0",
                PERSIST_GROUP=f"db-writer-{stamp}", ANALYTICS_GROUP=f"analytics-{stamp}",
                KAFKA_TOPIC=f"idle-{stamp}", RABBITMQ_EXCHANGE=f"idle-{stamp}",
                RABBITMQ_QUEUE_PREFIX=f"idle-{stamp}.")

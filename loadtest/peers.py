@@ -30,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import relaylib
 
@@ -94,9 +93,7 @@ def main():
     args = ap.parse_args()
     relaylib.build()
     relaylib.npm_ci()
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    out = os.path.join(relaylib.ROOT, "loadtest/results", f"peers-{stamp}")
-    os.makedirs(out, exist_ok=True)
+    stamp, out = relaylib.results_dir("peers")
     names = [s for s in args.servers.split(",") if s]
     extra = {}
     rp = redis_pid()
@@ -105,9 +102,7 @@ def main():
     servers, runs = {}, []
     try:
         if "relay" in names:
-            db = f"peers_{stamp}"
-            relaylib.psql(f"CREATE DATABASE {db}")
-            env = dict(BUS="redis", DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{db}",
+            env = dict(BUS="redis", DATABASE_URL=relaylib.fresh_database(f"peers_{stamp}"),
                        PERSIST_GROUP=f"db-writer-{stamp}", ANALYTICS_GROUP=f"analytics-{stamp}",
                        RATE_LIMIT_PER_SEC="100000", RATE_LIMIT_BURST="100000", MAX_CONNS_PER_IP="0",
                        FLOOD_WARNINGS="false", TCP_NODELAY="true")

@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import relaylib
 
@@ -98,13 +97,10 @@ def main():
     ap.add_argument("--db", default="postgres", choices=["postgres", "sqlite"])
     args = ap.parse_args()
     relaylib.build()
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    out = os.path.join(relaylib.ROOT, "loadtest/results", f"perf-{args.backend}-{stamp}")
-    os.makedirs(out, exist_ok=True)
+    stamp, out = relaylib.results_dir(f"perf-{args.backend}")
     if args.db == "postgres":
         db = f"perf_{args.backend}_{stamp}"
-        relaylib.psql(f"CREATE DATABASE {db}")
-        dburl = f"postgres://postgres@127.0.0.1:5432/{db}"
+        dburl = relaylib.fresh_database(db)
     else:
         dburl = f"sqlite://{out}/perf.db"
     env = relay_env(args.backend, dburl, stamp)

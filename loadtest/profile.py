@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 
 import perf as perfpy
 import relaylib
@@ -121,12 +120,8 @@ def main():
     if subprocess.run(["perf", "--version"], capture_output=True).returncode != 0:
         raise SystemExit("perf is missing: apt-get install linux-perf")
     relaylib.build()
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    out = os.path.join(relaylib.ROOT, "loadtest/results", f"profile-{stamp}")
-    os.makedirs(out, exist_ok=True)
-    db = f"profile_{stamp}"
-    relaylib.psql(f"CREATE DATABASE {db}")
-    env = perfpy.relay_env("memory", f"postgres://postgres@127.0.0.1:5432/{db}", stamp)
+    stamp, out = relaylib.results_dir("profile")
+    env = perfpy.relay_env("memory", relaylib.fresh_database(f"profile_{stamp}"), stamp)
     servers = {}
     runs = collections.defaultdict(list)
     try:

@@ -185,6 +185,22 @@ def psql(sql, db="test"):
     return out.stdout.strip()
 
 
+def results_dir(kind):
+    """A fresh run directory, loadtest/results/<kind>-<stamp>: (stamp, path).
+    The stamp also names the run's database, topic, queues and groups."""
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    out = os.path.join(ROOT, "loadtest/results", f"{kind}-{stamp}")
+    os.makedirs(out, exist_ok=True)
+    return stamp, out
+
+
+def fresh_database(name):
+    """Creates PostgreSQL database `name` (a run's own, so no run reads
+    another's rows) and returns its URL."""
+    psql(f"CREATE DATABASE {name}")
+    return f"postgres://postgres@127.0.0.1:5432/{name}"
+
+
 def k6_fanout(relays, prefix, p, run_s, out_json, wait=True):
     """Runs loadtest/fanout.js. With wait=True returns (proc, k6's output);
     with wait=False (proc, started): an Event set once publishing began, and

@@ -35,12 +35,8 @@ def main():
     ap.add_argument("--every", type=int, default=30, help="sampling interval, s")
     args = ap.parse_args()
     relaylib.build()
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    out = os.path.join(relaylib.ROOT, "loadtest/results", f"soak-{stamp}")
-    os.makedirs(out, exist_ok=True)
-    db = f"soak_{stamp}"
-    relaylib.psql(f"CREATE DATABASE {db}")
-    env = dict(BUS=args.backend, DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{db}",
+    stamp, out = relaylib.results_dir("soak")
+    env = dict(BUS=args.backend, DATABASE_URL=relaylib.fresh_database(f"soak_{stamp}"),
                KAFKA_TOPIC=f"soak-{stamp}", RABBITMQ_EXCHANGE=f"soak-{stamp}",
                RABBITMQ_QUEUE_PREFIX=f"soak-{stamp}.", PERSIST_GROUP=f"db-writer-{stamp}",
                ANALYTICS_GROUP=f"analytics-{stamp}",

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import relaylib
 
@@ -34,13 +33,10 @@ def main():
     args = ap.parse_args()
 
     relaylib.build()
-    stamp = time.strftime("%Y%m%d%H%M%S")
-    out = os.path.join(relaylib.ROOT, "loadtest/results", f"stepped-{args.backend}-{stamp}")
+    stamp, out = relaylib.results_dir(f"stepped-{args.backend}")
     logdir = os.path.join(out, "logs")
     os.makedirs(logdir, exist_ok=True)
-    db = f"stepped_{args.backend}_{stamp}"
-    relaylib.psql(f"CREATE DATABASE {db}")
-    env = dict(BUS=args.backend, DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{db}",
+    env = dict(BUS=args.backend, DATABASE_URL=relaylib.fresh_database(f"stepped_{args.backend}_{stamp}"),
                KAFKA_TOPIC=f"stepped-{stamp}", RABBITMQ_EXCHANGE=f"stepped-{stamp}",
                RABBITMQ_QUEUE_PREFIX=f"stepped-{stamp}.", PERSIST_GROUP=f"db-writer-{stamp}",
                ANALYTICS_GROUP=f"analytics-{stamp}", PERSIST_BATCH_SIZE="1000",
