@@ -105,6 +105,17 @@ async fn memory_a_fresh_instance_members_are_visible_before_its_second_heartbeat
     }
     let mut alice = a.client("alice").await;
     alice.join("chat.fresh", None).await;
+    // `/readyz` turns 200 when A's live subscription is up; its beat on
+    // becoming live is written by the presence task a moment later (on a
+    // loaded machine, after B's join below read the members: a flake once).
+    // Wait for that first beat — the one under test — not for a heartbeat.
+    let store = chat_relay::store::Store::connect(&db).await.expect("store");
+    for _ in 0..100 {
+        if !store.presence_alive(0).await.expect("presence").is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let b = common::app::spawn_app_on(gateway(), Arc::new(SlowSubscribe(mem))).await;
     let mut bob = b.client("bob").await;
     let (joined, _) = bob.join("chat.fresh", None).await;
