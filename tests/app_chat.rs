@@ -208,8 +208,9 @@ async fn bad_input_gets_error_frames_and_the_connection_stays_usable() {
     );
     // Still usable.
     c.say("chat.a", "still here").await;
-    assert_eq!(c.recv_type("ack").await["type"], "ack");
-    assert_eq!(c.recv_type("message").await["text"], "still here");
+    let (ack, m) = c.recv_ack_and_message().await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(m["text"], "still here");
     // A frame over 64 KiB closes with 1009.
     c.send_raw(Message::Text("y".repeat(70_000).into())).await;
     assert_eq!(c.recv_close().await, Some(1009));
@@ -493,9 +494,8 @@ async fn a_dead_gateways_unconfirmed_claim_does_not_block_the_retry() {
     c.join("chat.claims", None).await;
     c.send(json!({"type": "send", "room": "chat.claims", "text": "retried", "cid": "r1"}))
         .await;
-    let ack = c.recv_type("ack").await;
+    let (ack, m) = c.recv_ack_and_message().await;
     assert_ne!(ack["id"], "01DEAD", "published anew: {ack}");
-    let m = c.recv_type("message").await;
     assert_eq!(
         (m["text"].as_str(), &m["id"]),
         (Some("retried"), &ack["id"])

@@ -1,8 +1,12 @@
 //! `BUS=memory`: the embedded default. Everything lives in this process, so it
 //! serves one instance only — two processes on `memory` are two separate chats.
 //!
-//! Each consumer group is a bounded MPMC queue. Publishing puts the message on
-//! every existing group's queue; members of one group compete for it. A group
+//! Each consumer group is a bounded MPMC queue of deliveries, which the
+//! group's members read directly (no task between the queue and a member, so
+//! a message wakes only the members that take it). Publishing puts the
+//! message on every existing group's queue — for a dynamic-scope group only
+//! when one of its rooms (the scope is set by the group's first member) —
+//! and members of one group compete for it. A group
 //! created as [`GroupKind::Shared`] outlives its subscribers (messages queue up
 //! while the persistence role is stopped, up to `MEMORY_BUS_CAPACITY`), an
 //! [`GroupKind::Instance`] group disappears with its subscriber. A delivery
@@ -18,7 +22,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -48,10 +51,33 @@ struct Item {
 }
 
 struct Group {
-    tx: flume::Sender<Item>,
-    rx: flume::Receiver<Item>,
+    tx: flume::Sender<Delivery>,
+    rx: flume::Receiver<Delivery>,
     kind: GroupKind,
     members: AtomicUsize,
+    /// The rooms a dynamic-scope group takes; `None`: every room.
+    rooms: Option<Arc<LocalRooms>>,
+}
+
+impl Group {
+    fn wants(&self, room: &RoomId) -> bool {
+        self.rooms.as_ref().is_none_or(|r| r.contains(room))
+    }
+}
+
+/// A delivery of `item` from the group whose queue `tx` feeds. Its acker
+/// holds the queue weakly: deliveries waiting in a queue must not keep that
+/// queue alive once its group is gone.
+fn delivery(item: Item, tx: &flume::Sender<Delivery>) -> Delivery {
+    Delivery::new(
+        item.room.clone(),
+        item.payload.clone(),
+        item.redelivered,
+        Box::new(MemoryAcker {
+            item: Some(item),
+            tx: tx.downgrade(),
+        }),
+    )
 }
 
 /// The in-process bus.
@@ -80,14 +106,17 @@ impl MemoryBus {
 
 struct MemoryAcker {
     item: Option<Item>,
-    tx: flume::Sender<Item>,
+    tx: flume::WeakSender<Delivery>,
 }
 
 impl MemoryAcker {
     fn give_back(&mut self) {
         if let Some(mut item) = self.item.take() {
+            // A group that is gone (an instance group whose member left)
+            // keeps nothing: there is no one to give it back to.
+            let Some(tx) = self.tx.upgrade() else { return };
             item.redelivered = true;
-            if self.tx.try_send(item).is_err() {
+            if tx.try_send(delivery(item, &tx)).is_err() {
                 metrics::counter!("bus_redelivery_dropped_total", "backend" => "memory")
                     .increment(1);
                 tracing::warn!("memory bus: group queue full or gone, redelivery dropped");
@@ -167,7 +196,10 @@ impl MessageBus for MemoryBus {
         };
         let timeout = Duration::from_millis(self.cfg.memory_publish_timeout_ms);
         for g in self.snapshot() {
-            match g.tx.try_send(item.clone()) {
+            if !g.wants(&item.room) {
+                continue;
+            }
+            match g.tx.try_send(delivery(item.clone(), &g.tx)) {
                 Ok(()) => {}
                 Err(flume::TrySendError::Full(it)) => {
                     match tokio::time::timeout(timeout, g.tx.send_async(it)).await {
@@ -204,55 +236,28 @@ impl MessageBus for MemoryBus {
                         rx,
                         kind: opts.kind,
                         members: AtomicUsize::new(0),
+                        rooms: (opts.scope == RoomScope::Dynamic)
+                            .then(|| Arc::new(LocalRooms::default())),
                     })
                 })
                 .clone()
         };
         group.members.fetch_add(1, Ordering::SeqCst);
+        let interest: Arc<dyn RoomInterest> = match &group.rooms {
+            Some(rooms) => rooms.clone(),
+            None => Arc::new(AllRooms),
+        };
         let guard = MemberGuard {
             groups: self.groups.clone(),
             name: opts.group.clone(),
             group: group.clone(),
         };
-
-        let filter = Arc::new(LocalRooms::default());
-        let interest: Arc<dyn RoomInterest> = match opts.scope {
-            RoomScope::All => Arc::new(AllRooms),
-            RoomScope::Dynamic => filter.clone(),
-        };
-        let dynamic = opts.scope == RoomScope::Dynamic;
-        // A small buffer: it is this member's prefetch. Deliveries left in it
-        // when the subscription is dropped go back to the group.
-        let (tx, rx) = mpsc::channel(16);
-        let stop = CancellationToken::new();
-        let (stop_task, closed) = (stop.clone(), self.closed.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
-            loop {
-                let item = tokio::select! {
-                    _ = stop_task.cancelled() => break,
-                    _ = closed.cancelled() => break,
-                    r = group.rx.recv_async() => match r { Ok(i) => i, Err(_) => break },
-                };
-                if dynamic && !filter.contains(&item.room) {
-                    continue;
-                }
-                let d = Delivery::new(
-                    item.room.clone(),
-                    item.payload.clone(),
-                    item.redelivered,
-                    Box::new(MemoryAcker {
-                        item: Some(item),
-                        tx: group.tx.clone(),
-                    }),
-                );
-                tokio::select! {
-                    _ = stop_task.cancelled() => break,
-                    r = tx.send(d) => if r.is_err() { break },
-                }
-            }
-        });
-        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())))
+        Ok(Subscription::from_queue(
+            group.rx.clone(),
+            self.closed.clone(),
+            interest,
+            Box::new(guard),
+        ))
     }
 
     async fn ready(&self) -> Result<(), BusError> {
@@ -275,5 +280,41 @@ impl ConsumerLag for MemoryBus {
     async fn lag(&self, group: &str) -> Option<i64> {
         let groups = self.groups.read().ok()?;
         groups.get(group).map(|g| g.rx.len() as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deliveries still queued when an instance group goes away (its only
+    /// member left) do not keep the group's queue alive: their ackers hold
+    /// it weakly, so the queue and what waits in it are freed.
+    #[tokio::test]
+    async fn a_gone_instance_group_frees_its_queue() {
+        let bus = MemoryBus::new(MemoryConfig::default());
+        let sub = bus
+            .subscribe(SubscribeOptions::instance("live-test"))
+            .await
+            .expect("subscribe");
+        let room = RoomId::parse("chat.gone").expect("room");
+        sub.interest.add_room(&room).await.expect("room added");
+        let queue = bus.snapshot()[0].tx.downgrade();
+        for _ in 0..3 {
+            bus.publish(Outgoing {
+                room: room.clone(),
+                payload: Bytes::from_static(b"{}"),
+                priority: crate::bus::Priority::Normal,
+            })
+            .await
+            .expect("published");
+        }
+        assert!(queue.upgrade().is_some(), "the group is there");
+        drop(sub);
+        assert!(bus.snapshot().is_empty(), "the group left with its member");
+        assert!(
+            queue.upgrade().is_none(),
+            "the queue (and its 3 deliveries) outlived its group"
+        );
     }
 }

@@ -287,7 +287,7 @@ pub trait RoomInterest: Send + Sync {
 /// subscriptions, the handle that changes its rooms. Dropping it stops the
 /// consumer (unacked deliveries are given back where the backend can).
 pub struct Subscription {
-    pub deliveries: mpsc::Receiver<Delivery>,
+    deliveries: Source,
     pub interest: Arc<dyn RoomInterest>,
     /// Counts the times the backend re-established this subscription under
     /// the hood (a new connection, a re-declared queue). For a subscription
@@ -298,7 +298,27 @@ pub struct Subscription {
     /// some (RabbitMQ's prefetch, NATS's max ack pending); `None`: no such
     /// limit. A worker's batch never waits for more than this.
     pub unacked_limit: Option<usize>,
-    _stop: Option<DropGuard>,
+    _stop: Option<Box<dyn Send + Sync>>,
+}
+
+/// Where a subscription's deliveries come from: the channel a backend's
+/// consumer task fills, or (memory) the consumer group's own queue, read
+/// directly so that a message costs no hop through a forwarding task.
+enum Source {
+    Task(mpsc::Receiver<Delivery>),
+    Queue {
+        rx: flume::Receiver<Delivery>,
+        closed: tokio_util::sync::CancellationToken,
+    },
+}
+
+/// What [`Subscription::try_next`] found.
+pub enum TryNext {
+    Ready(Delivery),
+    /// Nothing queued right now.
+    Empty,
+    /// The subscription ended.
+    Closed,
 }
 
 impl Subscription {
@@ -308,11 +328,29 @@ impl Subscription {
         stop: Option<DropGuard>,
     ) -> Self {
         Subscription {
-            deliveries,
+            deliveries: Source::Task(deliveries),
             interest,
             resumed: None,
             unacked_limit: None,
-            _stop: stop,
+            _stop: stop.map(|g| Box::new(g) as Box<dyn Send + Sync>),
+        }
+    }
+
+    /// A subscription that reads a consumer group's queue itself (competing
+    /// with the group's other members); it ends when `closed` is cancelled.
+    /// `guard` is dropped with the subscription.
+    pub(crate) fn from_queue(
+        rx: flume::Receiver<Delivery>,
+        closed: tokio_util::sync::CancellationToken,
+        interest: Arc<dyn RoomInterest>,
+        guard: Box<dyn Send + Sync>,
+    ) -> Self {
+        Subscription {
+            deliveries: Source::Queue { rx, closed },
+            interest,
+            resumed: None,
+            unacked_limit: None,
+            _stop: Some(guard),
         }
     }
 
@@ -331,7 +369,55 @@ impl Subscription {
 
     /// Next delivery; `None` once the subscription or the bus is closed.
     pub async fn next(&mut self) -> Option<Delivery> {
-        self.deliveries.recv().await
+        match &mut self.deliveries {
+            Source::Task(rx) => rx.recv().await,
+            Source::Queue { rx, closed } => {
+                if closed.is_cancelled() {
+                    return None;
+                }
+                // flume is not part of Tokio's cooperative budget (a Tokio
+                // channel is): without this a member with a backlog would
+                // take all of it before a competing member in the same task
+                // or on the same thread got a turn.
+                tokio::task::coop::consume_budget().await;
+                tokio::select! {
+                    biased;
+                    r = rx.recv_async() => r.ok(),
+                    _ = closed.cancelled() => None,
+                }
+            }
+        }
+    }
+
+    /// How many deliveries can wait in this subscription's queue for it to
+    /// take them (the backend's consumer task stops reading, or the
+    /// publisher waits, when it is full).
+    pub fn capacity(&self) -> usize {
+        match &self.deliveries {
+            Source::Task(rx) => rx.max_capacity(),
+            Source::Queue { rx, .. } => rx.capacity().unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The next delivery if one is already queued, without waiting.
+    pub fn try_next(&mut self) -> TryNext {
+        match &mut self.deliveries {
+            Source::Task(rx) => match rx.try_recv() {
+                Ok(d) => TryNext::Ready(d),
+                Err(mpsc::error::TryRecvError::Empty) => TryNext::Empty,
+                Err(mpsc::error::TryRecvError::Disconnected) => TryNext::Closed,
+            },
+            Source::Queue { rx, closed } => {
+                if closed.is_cancelled() {
+                    return TryNext::Closed;
+                }
+                match rx.try_recv() {
+                    Ok(d) => TryNext::Ready(d),
+                    Err(flume::TryRecvError::Empty) => TryNext::Empty,
+                    Err(flume::TryRecvError::Disconnected) => TryNext::Closed,
+                }
+            }
+        }
     }
 }
 

@@ -290,6 +290,23 @@ impl Client {
         }
     }
 
+    /// Reads until both the `ack` of one's own send and a `message` arrived,
+    /// in whichever order: the live echo may overtake the ack (the bus hands
+    /// the message to the live consumer before the sender's answer is
+    /// written). Skips other frames.
+    pub async fn recv_ack_and_message(&mut self) -> (Value, Value) {
+        let (mut ack, mut msg) = (None, None);
+        while ack.is_none() || msg.is_none() {
+            let v = self.recv().await;
+            if v["type"] == "ack" && ack.is_none() {
+                ack = Some(v);
+            } else if v["type"] == "message" && msg.is_none() {
+                msg = Some(v);
+            }
+        }
+        (ack.unwrap_or_default(), msg.unwrap_or_default())
+    }
+
     /// Reads until a close frame arrives; returns its code.
     pub async fn recv_close(&mut self) -> Option<u16> {
         loop {
