@@ -49,6 +49,14 @@ pub struct Config {
     #[arg(long, env = "TCP_NODELAY", default_value_t = true, action = clap::ArgAction::Set)]
     pub tcp_nodelay: bool,
 
+    /// Tokio worker threads of this process; 0: Tokio's default (one per
+    /// core, or `TOKIO_WORKER_THREADS`). Fewer threads mean fewer thread
+    /// wake-ups per message (a message's tasks run on one thread instead of
+    /// waking the others), at the price of capping the process at that many
+    /// cores (README, "The floor").
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Directory to serve at `/` instead of the browser client embedded in
     /// the binary (for working on the client without rebuilding).
     #[arg(long, env = "STATIC_DIR")]

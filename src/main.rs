@@ -36,14 +36,34 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     chat_relay::telemetry::init();
     let cli = Cli::parse();
-    let cfg = match cli.cmd {
-        Some(Cmd::Serve(cfg)) => *cfg,
-        Some(Cmd::Healthcheck { bind }) => return healthcheck(bind).await,
-        Some(Cmd::Replay(args)) => {
+    // The runtime is built after reading the configuration, which sets its
+    // number of worker threads.
+    let cmd = match cli.cmd {
+        Some(cmd) => cmd,
+        None => Cmd::Serve(Box::new(
+            Config::from_env().context("reading configuration")?,
+        )),
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Cmd::Serve(cfg) = &cmd
+        && cfg.worker_threads > 0
+    {
+        rt.worker_threads(cfg.worker_threads);
+    }
+    rt.enable_all()
+        .build()
+        .context("starting the Tokio runtime")?
+        .block_on(run(cmd))
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    let cfg = match cmd {
+        Cmd::Serve(cfg) => *cfg,
+        Cmd::Healthcheck { bind } => return healthcheck(bind).await,
+        Cmd::Replay(args) => {
             let what = format!("replaying consumer group {}", args.group);
             let (log, report) = match args.bus {
                 chat_relay::bus::BusKind::RedisStreams => (
@@ -80,7 +100,6 @@ async fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        None => Config::from_env().context("reading configuration")?,
     };
     let app = Application::build(cfg)
         .await
