@@ -285,6 +285,8 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         }
     }
     metrics::gauge!("local_rooms").set(state.gateway.rooms.local_rooms() as f64);
+    metrics::gauge!("runtime_worker_threads")
+        .set(tokio::runtime::Handle::current().metrics().num_workers() as f64);
     metrics_handle().render().into_response()
 }
 

@@ -184,3 +184,28 @@ async fn static_dir_overrides_the_embedded_page() {
     assert_eq!((status, body.as_str()), (200, "<p>development copy</p>"));
     assert!(relay.terminate().success());
 }
+
+/// The runtime's worker threads, as the relay's `/metrics` reports them.
+async fn worker_threads(relay: &Relay) -> usize {
+    let (status, _, body) = relay.get("/metrics", &[]).await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("runtime_worker_threads "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("runtime_worker_threads in /metrics") as usize
+}
+
+#[tokio::test]
+async fn worker_threads_sets_the_runtime_size() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (set, want) in [("1", 1), ("3", 3)] {
+        let relay = Relay::start(dir.path(), &[("WORKER_THREADS", set)]).await;
+        assert_eq!(worker_threads(&relay).await, want, "WORKER_THREADS={set}");
+        assert!(relay.terminate().success());
+    }
+    // 0 (the default) leaves it to Tokio: one per core, or TOKIO_WORKER_THREADS.
+    let relay = Relay::start(dir.path(), &[("TOKIO_WORKER_THREADS", "2")]).await;
+    assert_eq!(worker_threads(&relay).await, 2);
+    assert!(relay.terminate().success());
+}
