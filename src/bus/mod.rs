@@ -389,14 +389,14 @@ impl Subscription {
         }
     }
 
-    /// How many deliveries can wait in this subscription's queue for it to
-    /// take them (the backend's consumer task stops reading, or the
-    /// publisher waits, when it is full).
-    pub fn capacity(&self) -> usize {
-        match &self.deliveries {
-            Source::Task(rx) => rx.max_capacity(),
-            Source::Queue { rx, .. } => rx.capacity().unwrap_or(usize::MAX),
-        }
+    /// Whether the deliveries wait in the consumer group's own queue
+    /// (memory), which holds the group's whole backlog, rather than in a
+    /// small channel a backend's task fills and then stops reading the
+    /// broker. Only then may a worker sleep out its batch wait and take what
+    /// queued meanwhile: with a channel, the batch would be capped at the
+    /// channel's size per wait.
+    pub fn queue_holds_backlog(&self) -> bool {
+        matches!(self.deliveries, Source::Queue { .. })
     }
 
     /// The next delivery if one is already queued, without waiting.

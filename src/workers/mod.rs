@@ -24,11 +24,12 @@ use crate::bus::{Delivery, Subscription, TryNext};
 /// deliveries the broker would not send before an ack — analytics counted at
 /// most 512 msg/s and fell behind at 1,000 msg/s.
 ///
-/// When the subscription's queue can hold a whole batch
-/// ([`Subscription::capacity`]), the worker sleeps once until `wait` is up
-/// and then takes what queued meanwhile, instead of waking for each delivery
-/// as it arrives: at a few hundred messages per second each wake-up was a
-/// thread switch per message for every worker (BENCHMARKS.md).
+/// When the deliveries wait in the group's own queue
+/// ([`Subscription::queue_holds_backlog`]: memory), the worker sleeps once
+/// until `wait` is up and then takes what queued meanwhile, instead of
+/// waking for each delivery as it arrives: each wake-up could be a thread
+/// switch per message for every worker (BENCHMARKS.md). A backlog of more
+/// than `max` is taken at once, batch after batch, without sleeping.
 pub(crate) async fn next_batch(
     sub: &mut Subscription,
     max: usize,
@@ -44,7 +45,7 @@ pub(crate) async fn next_batch(
     let mut batch = Vec::with_capacity(max.min(1024));
     batch.push(first);
     let deadline = Instant::now() + wait;
-    if sub.capacity() >= max {
+    if sub.queue_holds_backlog() {
         if !take_queued(sub, &mut batch, max) {
             tokio::select! {
                 biased;
@@ -141,26 +142,41 @@ mod tests {
         assert!(rest.is_some());
     }
 
-    /// A queue that holds a whole batch: the batch waits out `wait` once and
-    /// takes everything that arrived meanwhile, and a subscription that ends
-    /// during the wait still hands over what it had.
+    /// The memory bus's group queue: the batch takes everything that
+    /// arrived during `wait`; a backlog over `max` is
+    /// taken a batch at a time without waiting; a closed bus ends it.
     #[tokio::test]
     async fn a_batch_takes_what_arrived_during_the_wait() {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        use crate::bus::memory::{MemoryBus, MemoryConfig};
+        use crate::bus::{MessageBus, Outgoing, Priority, SubscribeOptions};
+        let bus = Arc::new(MemoryBus::new(MemoryConfig::default()));
+        let mut sub = bus
+            .subscribe(SubscribeOptions::shared("batch-test"))
+            .await
+            .expect("subscribe");
+        assert!(sub.queue_holds_backlog());
         let room = RoomId::parse("chat.batch").expect("room");
-        let d = || Delivery::unacked(room.clone(), bytes::Bytes::from_static(b"{}"));
-        tx.send(d()).await.expect("queued");
-        let mut sub = Subscription::new(rx, Arc::new(AllRooms), None);
-        assert!(sub.capacity() >= 10);
+        let publish = move |bus: Arc<MemoryBus>, n: usize| {
+            let room = room.clone();
+            async move {
+                for _ in 0..n {
+                    bus.publish(Outgoing {
+                        room: room.clone(),
+                        payload: bytes::Bytes::from_static(b"{}"),
+                        priority: Priority::Normal,
+                    })
+                    .await
+                    .expect("published");
+                }
+            }
+        };
+        publish(bus.clone(), 1).await;
         let late = tokio::spawn({
-            let (tx, d) = (tx.clone(), d());
+            let bus = bus.clone();
+            let publish = publish.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                for _ in 0..3 {
-                    tx.send(Delivery::unacked(d.room.clone(), d.payload.clone()))
-                        .await
-                        .expect("queued");
-                }
+                publish(bus, 3).await;
             }
         });
         let stop = CancellationToken::new();
@@ -168,15 +184,27 @@ mod tests {
             .await
             .expect("batch");
         assert_eq!(batch.len(), 4, "the first and the three that came later");
-        late.await.expect("sender");
-        tx.send(d()).await.expect("queued");
-        drop(tx);
-        let rest = next_batch(&mut sub, 10, Duration::from_millis(300), &stop)
+        late.await.expect("publisher");
+        Delivery::ack_batch(batch).await.expect("acked");
+        // A backlog of 25: two full batches at once, then the rest.
+        publish(bus.clone(), 25).await;
+        let started = std::time::Instant::now();
+        for _ in 0..2 {
+            let b = next_batch(&mut sub, 10, Duration::from_secs(60), &stop)
+                .await
+                .expect("batch");
+            assert_eq!(b.len(), 10);
+            Delivery::ack_batch(b).await.expect("acked");
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "waited");
+        let rest = next_batch(&mut sub, 10, Duration::from_millis(100), &stop)
             .await
             .expect("batch");
-        assert_eq!(rest.len(), 1);
+        assert_eq!(rest.len(), 5);
+        Delivery::ack_batch(rest).await.expect("acked");
+        bus.close().await;
         assert!(
-            next_batch(&mut sub, 10, Duration::from_millis(300), &stop)
+            next_batch(&mut sub, 10, Duration::from_millis(100), &stop)
                 .await
                 .is_none()
         );
