@@ -72,19 +72,22 @@ async fn migration_lock(
 #[derive(Clone, Debug)]
 pub enum Store {
     Sqlite(SqlitePool),
-    /// Every statement's pool, and the sequencer's own connection for its
-    /// key lookups (planned once, see [`Store::connect`]).
-    Postgres(PgPool, Keyed),
+    /// Every statement's pool, the sequencer's own connection for its
+    /// key lookups (planned once, see [`Store::connect`]), and the
+    /// db-writer's connection (one of the pool's, held: [`Keyed`]).
+    Postgres(PgPool, Keyed, Keyed),
 }
 
-/// The sequencer's connection: one connection of its own pool, held from
-/// one statement to the next instead of handed back after each.
+/// A connection held from one statement to the next instead of handed back
+/// to its pool after each: the sequencer's (one of its own pool's) and the
+/// db-writer's (one of the main pool's).
 ///
 /// Why: sqlx 0.8 tests every connection handed back to a pool with a ping
 /// (`PoolConnection::return_to_pool`: a `Sync` and the server's answer), so
 /// each sequencer burst — one statement, on the path of every send — cost
 /// two round trips to the database and woke its backend twice (`perf`: 5 %
-/// of the relay's CPU in `return_to_pool`; BENCHMARKS.md). Held, the
+/// of the relay's CPU in `return_to_pool`; BENCHMARKS.md), and so did each
+/// of the db-writer's batches. Held, the
 /// connection is pinged only as the pool pings on acquire: after
 /// `PING_IDLE` without a statement. A call that fails or is cancelled
 /// drops it back into the pool, whose release ping tells a broken
@@ -129,7 +132,7 @@ impl Keyed {
             Some((mut c, used)) if used.elapsed() >= PING_IDLE => match c.ping().await {
                 Ok(()) => Some(c),
                 Err(e) => {
-                    tracing::debug!(error = %e, "sequencer connection: ping failed, replaced");
+                    tracing::debug!(error = %e, "held connection: ping failed, replaced");
                     None
                 }
             },
@@ -163,7 +166,7 @@ macro_rules! on_pool {
     ($self:expr, $pool:ident => $body:expr) => {
         match $self {
             Store::Sqlite($pool) => $body,
-            Store::Postgres($pool, _) => $body,
+            Store::Postgres($pool, ..) => $body,
         }
     };
 }
@@ -521,7 +524,7 @@ impl Store {
                     ("enable_seqscan", "off"),
                 ]),
             );
-            Store::Postgres(pool, Keyed::new(keyed))
+            Store::Postgres(pool.clone(), Keyed::new(keyed), Keyed::new(pool))
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
@@ -551,8 +554,9 @@ impl Store {
     pub async fn close(&self) {
         match self {
             Store::Sqlite(p) => p.close().await,
-            Store::Postgres(p, keyed) => {
+            Store::Postgres(p, keyed, writer) => {
                 keyed.close().await;
+                writer.close().await;
                 p.close().await;
             }
         }
@@ -571,11 +575,15 @@ impl Store {
             // row count, chunks and BEGIN/COMMIT round trips). Same raw rows/s
             // here (PostgreSQL's index upkeep dominates), but the worker's lag
             // at 50,000 rows/s fell from ~2 s to ~0.1 s (BENCHMARKS.md).
-            Store::Postgres(p, _) => {
+            // On the db-writer's held connection: handed back to the pool
+            // after each batch, sqlx pinged it (a second round trip per
+            // batch; see [`Keyed`]).
+            Store::Postgres(_, _, writer) => {
+                let mut conn = writer.conn().await?;
                 let column = |f: fn(&ChatMessage) -> &str| batch.iter().map(f).collect::<Vec<_>>();
                 let ts: Vec<i64> = batch.iter().map(|m| m.ts).collect();
                 let seq: Vec<Option<i64>> = batch.iter().map(|m| m.seq).collect();
-                sqlx::query(
+                let n = sqlx::query(
                     "INSERT INTO messages (id, room, user_name, text, ts, kind, seq, stored_at) \
                      SELECT id, room, user_name, text, ts, kind, seq, $8 FROM \
                      UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bigint[]) \
@@ -590,9 +598,11 @@ impl Store {
                 .bind(column(|m| m.kind.as_str()))
                 .bind(seq)
                 .bind(stored_at)
-                .execute(p)
+                .execute(&mut *conn.conn)
                 .await?
-                .rows_affected()
+                .rows_affected();
+                conn.keep();
+                n
             }
             Store::Sqlite(p) => {
                 let mut tx = p.begin().await?;
@@ -712,7 +722,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        if let Store::Postgres(p, _) = self {
+        if let Store::Postgres(p, ..) = self {
             return apply_analytics_pg(p, batch, flood_max).await;
         }
         let seen_sql = self.sql(
@@ -866,7 +876,7 @@ impl Store {
         }
         let epoch = || ulid::Ulid::new().to_string().to_lowercase();
         match self {
-            Store::Postgres(p, _) => {
+            Store::Postgres(p, ..) => {
                 // Rows are locked in the order given: in room order, so two
                 // gateways' batches over the same rooms queue behind each
                 // other instead of deadlocking (PostgreSQL would hold both
@@ -1072,7 +1082,7 @@ impl Store {
         let now = now_ms();
         // Message ids are unique: a claim is new when its id went in.
         let inserted: HashSet<String> = match self {
-            Store::Postgres(p, _) => {
+            Store::Postgres(p, ..) => {
                 let rooms: Vec<&str> = claims.iter().map(|c| c.room.as_str()).collect();
                 let users: Vec<&str> = claims.iter().map(|c| c.user).collect();
                 let cids: Vec<&str> = claims.iter().map(|c| c.cid).collect();
@@ -1148,7 +1158,7 @@ impl Store {
         }
         let now = now_ms();
         let p = match self {
-            Store::Postgres(_, keyed) => keyed,
+            Store::Postgres(_, keyed, _) => keyed,
             Store::Sqlite(_) => {
                 if !acked.is_empty() {
                     self.settle_sends(acked, &[]).await?;
@@ -1272,7 +1282,7 @@ impl Store {
             // The two statements join the keys against `send_dedupe`: on the
             // sequencer's connection that is always a primary-key probe per
             // key (see `Store::connect`).
-            Store::Postgres(_, keyed) => {
+            Store::Postgres(_, keyed, _) => {
                 let mut conn = keyed.conn().await?;
                 fn cols(keys: &[SendKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
                     let room: Vec<&str> = keys.iter().map(|k| k.room.as_str()).collect();

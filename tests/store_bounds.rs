@@ -589,13 +589,14 @@ async fn sync_counting_proxy(
     (addr, syncs)
 }
 
-/// Each sequencer burst is ONE round trip to PostgreSQL: the statement. sqlx
-/// pings every connection handed back to a pool (a second round trip per
-/// burst, on the path of every send); the sequencer holds its connection
-/// instead (`store::Keyed`). Counted at the wire, through a proxy.
-#[tokio::test]
-async fn a_sequencer_burst_is_one_round_trip_postgres() {
-    use std::sync::atomic::Ordering;
+/// A store on a fresh PostgreSQL database (dropped with the returned
+/// guard), connected through a proxy that counts the round trips (`Sync`
+/// messages) at the wire.
+async fn store_via_counting_proxy() -> (
+    Store,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    common::app::PgDb,
+) {
     let db = pg_db().await;
     // postgres://[user@]host[:port]/db[?…]: the same URL, via the proxy.
     let (scheme, rest) = db.split_once("://").expect("db url");
@@ -610,7 +611,17 @@ async fn a_sequencer_burst_is_one_round_trip_postgres() {
     let at = if user.is_empty() { "" } else { "@" };
     let sep = if path.contains('?') { '&' } else { '?' };
     let via = format!("{scheme}://{user}{at}{addr}/{path}{sep}sslmode=disable");
-    let store = Store::connect(&via).await.expect("store");
+    (Store::connect(&via).await.expect("store"), syncs, db)
+}
+
+/// Each sequencer burst is ONE round trip to PostgreSQL: the statement. sqlx
+/// pings every connection handed back to a pool (a second round trip per
+/// burst, on the path of every send); the sequencer holds its connection
+/// instead (`store::Keyed`). Counted at the wire, through a proxy.
+#[tokio::test]
+async fn a_sequencer_burst_is_one_round_trip_postgres() {
+    use std::sync::atomic::Ordering;
+    let (store, syncs, _db) = store_via_counting_proxy().await;
     let room = RoomId::parse("chat.trips").expect("room");
     // The first burst prepares the statement (one more round trip).
     let first = store
@@ -648,6 +659,41 @@ async fn a_sequencer_burst_is_one_round_trip_postgres() {
     assert_eq!(
         trips, BURSTS,
         "{BURSTS} bursts made {trips} round trips to PostgreSQL"
+    );
+    store.close().await;
+}
+
+/// Each db-writer batch is ONE round trip too: the writer holds its
+/// connection (`store::Keyed`) instead of handing it back to the pool, whose
+/// release ping was a second round trip per batch.
+#[tokio::test]
+async fn a_persist_batch_is_one_round_trip_postgres() {
+    use std::sync::atomic::Ordering;
+    let (store, syncs, _db) = store_via_counting_proxy().await;
+    let msg = |i: u32| chat_relay::protocol::ChatMessage {
+        room: RoomId::parse("chat.rows").expect("room"),
+        id: format!("01ROW{i:08}"),
+        user: "u".into(),
+        text: "t".into(),
+        ts: 1,
+        kind: chat_relay::protocol::MessageKind::Chat,
+        seq: Some(i as i64),
+    };
+    // The first batch prepares the statement (one more round trip).
+    assert_eq!(store.insert_messages(&[msg(0)]).await.expect("insert"), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = syncs.load(Ordering::SeqCst);
+    const BATCHES: u32 = 40;
+    for i in 1..=BATCHES {
+        let rows = [msg(2 * i - 1), msg(2 * i)];
+        assert_eq!(store.insert_messages(&rows).await.expect("insert"), 2);
+    }
+    // A ping on release would run in a task of its own, after the call.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let trips = syncs.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        trips, BATCHES as u64,
+        "{BATCHES} batches made {trips} round trips to PostgreSQL"
     );
     store.close().await;
 }
