@@ -56,16 +56,8 @@ pub(crate) async fn next_batch(
         }
         return Some(batch);
     }
-    while batch.len() < max {
-        // Take whatever is already queued without waiting.
-        match sub.try_next() {
-            TryNext::Ready(d) => {
-                batch.push(d);
-                continue;
-            }
-            TryNext::Closed => break,
-            TryNext::Empty => {}
-        }
+    // Take whatever is already queued without waiting, then wait for more.
+    while !take_queued(sub, &mut batch, max) {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
