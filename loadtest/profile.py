@@ -102,7 +102,10 @@ def one_run(args, server, cats, prefix, out):
     rec.join()
     us = perfpy.us_per_delivery(gen.marks, [server.name], r["deliveries_per_s"])
     shares, samples = attribute(data, cats)
-    os.remove(data)
+    if args.keep:
+        print(f"kept {data}: perf report -i {data} --no-children --sort symbol", flush=True)
+    else:
+        os.remove(data)
     return dict(us_per_delivery=us, shares=shares, samples=samples, p99=r["e2e_ms"]["p99"], lost=r["lost"])
 
 
@@ -116,6 +119,7 @@ def main():
     ap.add_argument("--size", type=int, default=100)
     ap.add_argument("--runs", type=int, default=1, help="runs per server, alternating; medians reported")
     ap.add_argument("--hz", type=int, default=499, help="perf sampling frequency (lower: less overhead)")
+    ap.add_argument("--keep", action="store_true", help="keep each run's perf.data for `perf report`")
     args = ap.parse_args()
     if subprocess.run(["perf", "--version"], capture_output=True).returncode != 0:
         raise SystemExit("perf is missing: apt-get install linux-perf")

@@ -72,10 +72,15 @@ async fn migration_lock(
 #[derive(Clone, Debug)]
 pub enum Store {
     Sqlite(SqlitePool),
-    /// Every statement's pool, the sequencer's own connection for its
-    /// key lookups (planned once, see [`Store::connect`]), and the
-    /// db-writer's connection (one of the pool's, held: [`Keyed`]).
-    Postgres(PgPool, Keyed, Keyed),
+    Postgres {
+        /// Every statement's pool.
+        pool: PgPool,
+        /// The sequencer's own connection for its key lookups (planned
+        /// once, see [`Store::connect`]).
+        sequencer: Keyed,
+        /// The db-writer's connection (one of `pool`'s, held: [`Keyed`]).
+        writer: Keyed,
+    },
 }
 
 /// A connection held from one statement to the next instead of handed back
@@ -166,7 +171,7 @@ macro_rules! on_pool {
     ($self:expr, $pool:ident => $body:expr) => {
         match $self {
             Store::Sqlite($pool) => $body,
-            Store::Postgres($pool, ..) => $body,
+            Store::Postgres { pool: $pool, .. } => $body,
         }
     };
 }
@@ -524,7 +529,11 @@ impl Store {
                     ("enable_seqscan", "off"),
                 ]),
             );
-            Store::Postgres(pool.clone(), Keyed::new(keyed), Keyed::new(pool))
+            Store::Postgres {
+                pool: pool.clone(),
+                sequencer: Keyed::new(keyed),
+                writer: Keyed::new(pool),
+            }
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
@@ -534,14 +543,14 @@ impl Store {
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "sqlite",
-            Store::Postgres(..) => "postgres",
+            Store::Postgres { .. } => "postgres",
         }
     }
 
     /// Rewrites PostgreSQL-dialect SQL for SQLite.
     fn sql(&self, pg: &str) -> String {
         match self {
-            Store::Postgres(..) => pg.to_string(),
+            Store::Postgres { .. } => pg.to_string(),
             Store::Sqlite(_) => pg.replace('$', "?").replace("GREATEST(", "MAX("),
         }
     }
@@ -554,8 +563,12 @@ impl Store {
     pub async fn close(&self) {
         match self {
             Store::Sqlite(p) => p.close().await,
-            Store::Postgres(p, keyed, writer) => {
-                keyed.close().await;
+            Store::Postgres {
+                pool: p,
+                sequencer,
+                writer,
+            } => {
+                sequencer.close().await;
                 writer.close().await;
                 p.close().await;
             }
@@ -578,7 +591,7 @@ impl Store {
             // On the db-writer's held connection: handed back to the pool
             // after each batch, sqlx pinged it (a second round trip per
             // batch; see [`Keyed`]).
-            Store::Postgres(_, _, writer) => {
+            Store::Postgres { writer, .. } => {
                 let mut conn = writer.conn().await?;
                 let column = |f: fn(&ChatMessage) -> &str| batch.iter().map(f).collect::<Vec<_>>();
                 let ts: Vec<i64> = batch.iter().map(|m| m.ts).collect();
@@ -722,7 +735,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        if let Store::Postgres(p, ..) = self {
+        if let Store::Postgres { pool: p, .. } = self {
             return apply_analytics_pg(p, batch, flood_max).await;
         }
         let seen_sql = self.sql(
@@ -876,7 +889,7 @@ impl Store {
         }
         let epoch = || ulid::Ulid::new().to_string().to_lowercase();
         match self {
-            Store::Postgres(p, ..) => {
+            Store::Postgres { pool: p, .. } => {
                 // Rows are locked in the order given: in room order, so two
                 // gateways' batches over the same rooms queue behind each
                 // other instead of deadlocking (PostgreSQL would hold both
@@ -1082,7 +1095,7 @@ impl Store {
         let now = now_ms();
         // Message ids are unique: a claim is new when its id went in.
         let inserted: HashSet<String> = match self {
-            Store::Postgres(p, ..) => {
+            Store::Postgres { pool: p, .. } => {
                 let rooms: Vec<&str> = claims.iter().map(|c| c.room.as_str()).collect();
                 let users: Vec<&str> = claims.iter().map(|c| c.user).collect();
                 let cids: Vec<&str> = claims.iter().map(|c| c.cid).collect();
@@ -1158,7 +1171,7 @@ impl Store {
         }
         let now = now_ms();
         let p = match self {
-            Store::Postgres(_, keyed, _) => keyed,
+            Store::Postgres { sequencer, .. } => sequencer,
             Store::Sqlite(_) => {
                 if !acked.is_empty() {
                     self.settle_sends(acked, &[]).await?;
@@ -1282,7 +1295,9 @@ impl Store {
             // The two statements join the keys against `send_dedupe`: on the
             // sequencer's connection that is always a primary-key probe per
             // key (see `Store::connect`).
-            Store::Postgres(_, keyed, _) => {
+            Store::Postgres {
+                sequencer: keyed, ..
+            } => {
                 let mut conn = keyed.conn().await?;
                 fn cols(keys: &[SendKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
                     let room: Vec<&str> = keys.iter().map(|k| k.room.as_str()).collect();
@@ -1500,7 +1515,7 @@ impl Store {
         let list = serde_json::to_string(&rooms.iter().map(RoomId::as_str).collect::<Vec<_>>())
             .map_err(|e| StoreError::Db(sqlx::Error::Protocol(e.to_string())))?;
         let within = match self {
-            Store::Postgres(..) => "SELECT json_array_elements_text($1::json)",
+            Store::Postgres { .. } => "SELECT json_array_elements_text($1::json)",
             Store::Sqlite(_) => "SELECT value FROM json_each($1)",
         };
         let sql = self.sql(&format!(

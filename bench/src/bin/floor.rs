@@ -46,6 +46,11 @@ struct Args {
     /// dropped as too slow (the relay drops slow clients too).
     #[arg(long, env = "FLOOR_MAX_PENDING_BYTES", default_value_t = 4 << 20)]
     max_pending_bytes: usize,
+    /// Same meaning and default as the relay's `WORKER_THREADS` (0: Tokio's
+    /// one per core), so a run that sets it for the relay holds the floor
+    /// to the same runtime.
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
 }
 
 /// Largest client frame accepted (the relay's `MAX_FRAME_BYTES` default).
@@ -220,9 +225,16 @@ struct ClientFrame<'a> {
     cid: Option<std::borrow::Cow<'a, str>>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.worker_threads > 0 {
+        rt.worker_threads(args.worker_threads);
+    }
+    rt.enable_all().build()?.block_on(serve_all(args))
+}
+
+async fn serve_all(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.bind).await?;
     eprintln!("floor listening on {}", listener.local_addr()?);
     let reg = Arc::new(Registry::default());

@@ -164,7 +164,7 @@ async fn worker(a: &Args, store: Store, text: &str) -> anyhow::Result<()> {
 async fn lag_quantiles_ms(store: &Store, q: &[f64]) -> anyhow::Result<Vec<i64>> {
     let sql = "SELECT stored_at - ts FROM messages";
     let mut lags: Vec<i64> = match store {
-        Store::Postgres(p, ..) => sqlx::query_scalar(sql).fetch_all(p).await?,
+        Store::Postgres { pool: p, .. } => sqlx::query_scalar(sql).fetch_all(p).await?,
         Store::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await?,
     };
     lags.sort_unstable();
