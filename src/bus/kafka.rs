@@ -394,6 +394,65 @@ fn consumer_for(cfg: &KafkaConfig, opts: &SubscribeOptions) -> Result<Arc<Cons>,
     Ok(Arc::new(c))
 }
 
+/// The offsets an instance (live) consumer has read, per partition. Kafka
+/// numbers a partition's records one by one (this topic has no compaction
+/// and no transactions), and an instance consumer is assigned every
+/// partition once and never rebalanced, so each record it reads should be the
+/// one after the last. A jump means records it never got — delivered to no
+/// socket of this instance although the workers may have stored them — and
+/// a step back means records it reads again. Both are logged and counted
+/// (`kafka_live_offsets_skipped_total`, `kafka_live_offsets_reread_total`)
+/// rather than hidden: the live path's loss on a broker must be visible.
+#[derive(Default)]
+struct OffsetTrail {
+    next: std::collections::HashMap<i32, i64>,
+}
+
+/// What one record's offset says about the records before it.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// The next record (or the partition's first one read).
+    InOrder,
+    /// This many records were never read.
+    Skipped(i64),
+    /// This many records are read again.
+    Again(i64),
+}
+
+impl OffsetTrail {
+    fn step(&mut self, partition: i32, offset: i64) -> Step {
+        match self.next.insert(partition, offset + 1) {
+            Some(n) if offset > n => Step::Skipped(offset - n),
+            Some(n) if offset < n => Step::Again(n - offset),
+            _ => Step::InOrder,
+        }
+    }
+
+    fn check(&mut self, partition: i32, offset: i64) {
+        match self.step(partition, offset) {
+            Step::InOrder => {}
+            Step::Skipped(n) => {
+                metrics::counter!("kafka_live_offsets_skipped_total").increment(n as u64);
+                tracing::warn!(
+                    partition,
+                    from = offset - n,
+                    to = offset - 1,
+                    "kafka live consumer: offsets never read (their records reached no socket here)"
+                );
+            }
+            Step::Again(n) => {
+                metrics::counter!("kafka_live_offsets_reread_total").increment(n as u64);
+                tracing::warn!(
+                    partition,
+                    offset,
+                    n,
+                    "kafka live consumer: offsets read again"
+                );
+            }
+        }
+    }
+}
+
 /// Waits until a group consumer has its first partition assignment. Shared
 /// groups read from their committed offset (or the earliest), so once
 /// assigned nothing published afterwards can be skipped.
@@ -541,6 +600,7 @@ impl MessageBus for KafkaBus {
             let shared = opts.kind == GroupKind::Shared;
             tokio::spawn(async move {
                 let mut topic: Option<Arc<str>> = None;
+                let mut trail = OffsetTrail::default();
                 loop {
                     let m = tokio::select! {
                         _ = stop.cancelled() => break,
@@ -556,6 +616,9 @@ impl MessageBus for KafkaBus {
                             continue;
                         }
                     };
+                    if !shared {
+                        trail.check(m.partition(), m.offset());
+                    }
                     let room = m
                         .key()
                         .and_then(|k| std::str::from_utf8(k).ok())
@@ -688,4 +751,27 @@ fn group_lag(cfg: &KafkaConfig, group: &str) -> Result<i64, BusError> {
         lag += (high - pos).max(0);
     }
     Ok(lag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{OffsetTrail, Step};
+
+    #[test]
+    fn the_offset_trail_tells_skipped_and_reread_records_per_partition() {
+        let mut t = OffsetTrail::default();
+        // A partition's first record may be anywhere (assigned at the end).
+        assert_eq!(t.step(0, 40), Step::InOrder);
+        assert_eq!(t.step(0, 41), Step::InOrder);
+        assert_eq!(t.step(1, 7), Step::InOrder);
+        // 42 and 43 never came.
+        assert_eq!(t.step(0, 44), Step::Skipped(2));
+        assert_eq!(t.step(0, 45), Step::InOrder);
+        // Partitions are tracked apart.
+        assert_eq!(t.step(1, 8), Step::InOrder);
+        // 44 and 45 again, then on from there.
+        assert_eq!(t.step(0, 44), Step::Again(2));
+        assert_eq!(t.step(0, 45), Step::InOrder);
+        assert_eq!(t.step(0, 46), Step::InOrder);
+    }
 }
