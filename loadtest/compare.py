@@ -220,6 +220,9 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
         # before its sockets, so the clients' duplicate count no longer
         # shows it: the gateways' own count does (the backend's nature).
         result["live_repeats_dropped"] = dropped = sum(g.metric("live_duplicates_dropped_total") for g in gateways)
+        # Offsets a gateway's Kafka live consumer jumped over: records that
+        # reached none of its sockets (0 on the other backends).
+        result["live_offsets_skipped"] = skipped = sum(g.metric("kafka_live_offsets_skipped_total") for g in gateways)
         result["generator_exit"] = load.returncode
         result["relay_cpu_pct"] = {r.name: round(100 * (cpu_seconds(r.proc.pid) - cpu0[r.name]) / elapsed, 1) for r in procs}
         result["relay_rss_mb"] = {r.name: round(rss_mb(r.proc.pid), 1) for r in procs}
@@ -275,7 +278,9 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
                                    error_frames=ffan.get("raw", {}).get("error_codes", {}),
                                    live=dict(lost=ffan["lost"], dup=ffan["duplicates"], reordered=ffan["reordered"],
                                              repeats_dropped=sum(g.metric("live_duplicates_dropped_total")
-                                                                 for g in gateways) - dropped))
+                                                                 for g in gateways) - dropped,
+                                             offsets_skipped=sum(g.metric("kafka_live_offsets_skipped_total")
+                                                                 for g in gateways) - skipped))
             print(f"   fault: {result['fault']}", flush=True)
     finally:
         for r in procs:
@@ -303,8 +308,21 @@ def p_of(result):
 
 def repeats(r):
     """The repeats the gateways dropped before their sockets, when any."""
-    n = r.get("live_repeats_dropped", 0)
-    return f" (+{n:.0f} bus repeats dropped)" if n else ""
+    n, k = r.get("live_repeats_dropped", 0), r.get("live_offsets_skipped", 0)
+    told = [f"+{n:.0f} bus repeats dropped"] * bool(n) + [f"{k:.0f} Kafka offsets skipped"] * bool(k)
+    return f" ({', '.join(told)})" if told else ""
+
+
+def fault_live(fault):
+    """The fault run's live clients, when they did not get every acked
+    message exactly once and in order (the main run has its own column)."""
+    live = fault.get("live") or {}
+    bad = {k: live.get(k, 0) for k in ("lost", "dup", "reordered")}
+    told = repeats(dict(live_repeats_dropped=live.get("repeats_dropped", 0),
+                        live_offsets_skipped=live.get("offsets_skipped", 0)))
+    if not any(bad.values()) and not told:
+        return ""
+    return f"; live clients: {bad['lost']} lost / {bad['dup']} dup / {bad['reordered']} reordered{told}"
 
 
 def markdown(results, args, outdir):
@@ -316,7 +334,7 @@ def markdown(results, args, outdir):
         f = r["fanout"]
         e = f["e2e_ms"]
         fault = r.get("fault", {})
-        fault_s = (f"{fault['rows']}/{fault['acked']} ({fault['missing']} missing)" if "acked" in fault
+        fault_s = (f"{fault['rows']}/{fault['acked']} ({fault['missing']} missing){fault_live(fault)}" if "acked" in fault
                    else "not run" if p_of(r).get("no_fault") else "n/a (single process)")
         rows.append(
             f"| {r['backend']} | {f['publish_acked']} / {f['rate'] * f['duration_s']} ({f['dropped_iterations']}) | {f['deliveries_per_s']:.0f} | {100 * f.get('cross_instance_share', 0):.0f}% | {e['p50']:.1f} ms | {e['p95']:.1f} ms | {e['p99']:.1f} ms | {e['p999']:.1f} ms "
