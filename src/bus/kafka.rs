@@ -160,6 +160,9 @@ pub struct KafkaBus {
     /// Keeps a room's records in send order across retries on a new producer.
     order: Arc<RoomOrder>,
     closed: CancellationToken,
+    /// Records the instance consumers are to drop unread (see
+    /// [`KafkaBus::hide_next_live_records`]); 0 outside that test.
+    hidden: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The current producer and its generation (1, then one more per
@@ -191,12 +194,32 @@ impl KafkaBus {
             producer: Arc::new(std::sync::RwLock::new((1, producer))),
             order: Arc::default(),
             closed: CancellationToken::new(),
+            hidden: Arc::default(),
         })
     }
 
     fn producer(&self) -> FutureProducer {
         current(&self.producer).1
     }
+
+    /// Fault injection for the live-gap test: this bus's instance (live)
+    /// consumers drop the next `n` records they fetch before looking at them,
+    /// as a broker's fetch that hid a batch would (tansu does, at random).
+    /// The records stay in the log and reach the workers; the live consumer
+    /// only learns of them from the offsets that follow. Nothing in the
+    /// server calls this.
+    #[doc(hidden)]
+    pub fn hide_next_live_records(&self, n: u64) {
+        self.hidden.fetch_add(n, Ordering::SeqCst);
+    }
+}
+
+/// Takes one from the fault-injection count, if any is left.
+fn take_hidden(hidden: &std::sync::atomic::AtomicU64) -> bool {
+    hidden.load(Ordering::Relaxed) > 0
+        && hidden
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
 }
 
 /// The current producer and its generation.
@@ -403,6 +426,10 @@ fn consumer_for(cfg: &KafkaConfig, opts: &SubscribeOptions) -> Result<Arc<Cons>,
 /// a step back means records it reads again. Both are logged and counted
 /// (`kafka_live_offsets_skipped_total`, `kafka_live_offsets_reread_total`)
 /// rather than hidden: the live path's loss on a broker must be visible.
+/// A jump also bumps the subscription's resumption counter *before* the
+/// record after the gap is handed on, so live delivery catches every local
+/// room up from the position it had reached ([`Subscription::resumed`]):
+/// the skipped records come from the DB, or the clients get a `gap`.
 #[derive(Default)]
 struct OffsetTrail {
     next: std::collections::HashMap<i32, i64>,
@@ -420,6 +447,14 @@ enum Step {
 }
 
 impl OffsetTrail {
+    /// A trail that expects each partition's first record at the offset the
+    /// consumer was assigned, so a gap right at the start counts too.
+    fn starting_at(assigned: &[(i32, i64)]) -> Self {
+        OffsetTrail {
+            next: assigned.iter().copied().collect(),
+        }
+    }
+
     fn step(&mut self, partition: i32, offset: i64) -> Step {
         match self.next.insert(partition, offset + 1) {
             Some(n) if offset > n => Step::Skipped(offset - n),
@@ -428,17 +463,19 @@ impl OffsetTrail {
         }
     }
 
-    fn check(&mut self, partition: i32, offset: i64) {
+    /// Logs and counts a jump or a step back; true on a jump.
+    fn check(&mut self, partition: i32, offset: i64) -> bool {
         match self.step(partition, offset) {
-            Step::InOrder => {}
+            Step::InOrder => false,
             Step::Skipped(n) => {
                 metrics::counter!("kafka_live_offsets_skipped_total").increment(n as u64);
                 tracing::warn!(
                     partition,
                     from = offset - n,
                     to = offset - 1,
-                    "kafka live consumer: offsets never read (their records reached no socket here)"
+                    "kafka live consumer: offsets never read; catching the local rooms up from the DB"
                 );
+                true
             }
             Step::Again(n) => {
                 metrics::counter!("kafka_live_offsets_reread_total").increment(n as u64);
@@ -448,6 +485,7 @@ impl OffsetTrail {
                     n,
                     "kafka live consumer: offsets read again"
                 );
+                false
             }
         }
     }
@@ -475,13 +513,15 @@ async fn wait_assigned(c: &Arc<Cons>, deadline: Duration) -> Result<(), BusError
 /// current end of the log, resolved to concrete offsets: a message published
 /// after `subscribe` returns is at or past them, so it cannot be skipped (a
 /// lazily resolved `latest` could land after it). An instance group never
-/// competes, so it needs no group rebalance.
-fn assign_at_end(c: &Cons, cfg: &KafkaConfig) -> Result<(), BusError> {
+/// competes, so it needs no group rebalance. Returns (partition, offset)
+/// as assigned.
+fn assign_at_end(c: &Cons, cfg: &KafkaConfig) -> Result<Vec<(i32, i64)>, BusError> {
     let t = Duration::from_secs(5);
     let md = c
         .fetch_metadata(Some(&cfg.kafka_topic), t)
         .map_err(unavailable)?;
     let mut tpl = TopicPartitionList::new();
+    let mut at = Vec::new();
     for topic in md.topics() {
         for p in topic.partitions() {
             let (_, high) = c
@@ -489,12 +529,14 @@ fn assign_at_end(c: &Cons, cfg: &KafkaConfig) -> Result<(), BusError> {
                 .map_err(unavailable)?;
             tpl.add_partition_offset(&cfg.kafka_topic, p.id(), Offset::Offset(high))
                 .map_err(unavailable)?;
+            at.push((p.id(), high));
         }
     }
-    if tpl.count() == 0 {
+    if at.is_empty() {
         return Err(unavailable("topic has no partitions"));
     }
-    c.assign(&tpl).map_err(unavailable)
+    c.assign(&tpl).map_err(unavailable)?;
+    Ok(at)
 }
 
 #[async_trait]
@@ -581,26 +623,31 @@ impl MessageBus for KafkaBus {
         };
         let (tx, rx) = mpsc::channel(1024);
         let stop = CancellationToken::new();
+        let (resumed_tx, resumed_rx) = tokio::sync::watch::channel(0u64);
         let mut consumers = Vec::new();
         for _ in 0..n {
             let c = consumer_for(&self.cfg, &opts)?;
-            if opts.kind == GroupKind::Instance {
+            let assigned = if opts.kind == GroupKind::Instance {
                 let (c2, cfg) = (c.clone(), self.cfg.clone());
                 tokio::task::spawn_blocking(move || assign_at_end(&c2, &cfg))
                     .await
-                    .map_err(unavailable)??;
-            }
+                    .map_err(unavailable)??
+            } else {
+                Vec::new()
+            };
             consumers.push(c.clone());
-            let (tx, stop, closed, filter) = (
+            let (tx, stop, closed, filter, hidden, resumed) = (
                 tx.clone(),
                 stop.clone(),
                 self.closed.clone(),
                 filter.clone(),
+                self.hidden.clone(),
+                resumed_tx.clone(),
             );
             let shared = opts.kind == GroupKind::Shared;
             tokio::spawn(async move {
                 let mut topic: Option<Arc<str>> = None;
-                let mut trail = OffsetTrail::default();
+                let mut trail = OffsetTrail::starting_at(&assigned);
                 loop {
                     let m = tokio::select! {
                         _ = stop.cancelled() => break,
@@ -617,7 +664,14 @@ impl MessageBus for KafkaBus {
                         }
                     };
                     if !shared {
-                        trail.check(m.partition(), m.offset());
+                        if take_hidden(&hidden) {
+                            continue;
+                        }
+                        // Signalled before this record is sent on, so the
+                        // catch-up starts from positions it has not moved.
+                        if trail.check(m.partition(), m.offset()) {
+                            resumed.send_modify(|n| *n += 1);
+                        }
                     }
                     let room = m
                         .key()
@@ -667,7 +721,12 @@ impl MessageBus for KafkaBus {
                 return Err(e);
             }
         }
-        Ok(Subscription::new(rx, interest, Some(stop.drop_guard())))
+        let sub = Subscription::new(rx, interest, Some(stop.drop_guard()));
+        Ok(if opts.kind == GroupKind::Instance {
+            sub.with_resumptions(resumed_rx)
+        } else {
+            sub
+        })
     }
 
     async fn ready(&self) -> Result<(), BusError> {
@@ -773,5 +832,14 @@ mod tests {
         assert_eq!(t.step(0, 44), Step::Again(2));
         assert_eq!(t.step(0, 45), Step::InOrder);
         assert_eq!(t.step(0, 46), Step::InOrder);
+    }
+
+    #[test]
+    fn a_trail_started_at_the_assigned_offsets_sees_a_gap_at_the_start() {
+        let mut t = OffsetTrail::starting_at(&[(0, 40), (1, 7)]);
+        assert_eq!(t.step(0, 40), Step::InOrder);
+        assert_eq!(t.step(1, 9), Step::Skipped(2));
+        // A partition not assigned at the start (the topic grew) starts anywhere.
+        assert_eq!(t.step(2, 5), Step::InOrder);
     }
 }

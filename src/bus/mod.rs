@@ -290,9 +290,11 @@ pub struct Subscription {
     deliveries: Source,
     pub interest: Arc<dyn RoomInterest>,
     /// Counts the times the backend re-established this subscription under
-    /// the hood (a new connection, a re-declared queue). For a subscription
+    /// the hood (a new connection, a re-declared queue) or found records it
+    /// never got (Kafka: a jump in a partition's offsets). For a subscription
     /// that keeps nothing while it is away (an instance group), each change
-    /// means messages may have been missed in between.
+    /// means messages may have been missed in between. A backend bumps it
+    /// before it hands on the first delivery after the miss.
     pub resumed: Option<tokio::sync::watch::Receiver<u64>>,
     /// How many deliveries the backend hands this member before it acks
     /// some (RabbitMQ's prefetch, NATS's max ack pending); `None`: no such

@@ -21,8 +21,9 @@ use crate::protocol::BusEvent;
 
 /// Subscribes the instance group and signals `ready` once live; re-subscribes
 /// (re-adding every local room) whenever the subscription ends. Whenever the
-/// stream was interrupted — a new subscription after the first, or the
-/// backend re-establishing it under the hood — every local room catches up
+/// stream was interrupted — a new subscription after the first, the backend
+/// re-establishing it under the hood, or records it never got (Kafka's
+/// offsets jumped) — every local room catches up
 /// ([`recovery::catch_up`]): its members get what they missed, or a `gap`.
 pub async fn run(
     gw: Arc<Gateway>,
@@ -60,6 +61,11 @@ pub async fn run(
                 let mut resumed = sub.resumed.take();
                 loop {
                     let d = tokio::select! {
+                        // A resumption is looked at before the next delivery:
+                        // the backend signals it before it hands on what came
+                        // after the miss, so the catch-up's starting positions
+                        // are still the ones from before it.
+                        biased;
                         _ = shutdown.cancelled() => return false,
                         Some(()) = changed(&mut resumed) => {
                             catch_up_all(&gw);
