@@ -313,6 +313,14 @@ def repeats(r):
     return f" ({', '.join(told)})" if told else ""
 
 
+def inversions(f):
+    """Deliveries whose room position was below one the client already had
+    (two publishers' messages crossed between the sequencer and the sockets),
+    when any."""
+    n = f.get("seq_inversions", 0)
+    return f" ({n} out of room order)" if n else ""
+
+
 def fault_live(fault):
     """The fault run's live clients, when they did not get every acked
     message exactly once and in order (the main run has its own column)."""
@@ -338,7 +346,7 @@ def markdown(results, args, outdir):
                    else "not run" if p_of(r).get("no_fault") else "n/a (single process)")
         rows.append(
             f"| {r['backend']} | {f['publish_acked']} / {f['rate'] * f['duration_s']} ({f['dropped_iterations']}) | {f['deliveries_per_s']:.0f} | {100 * f.get('cross_instance_share', 0):.0f}% | {e['p50']:.1f} ms | {e['p95']:.1f} ms | {e['p99']:.1f} ms | {e['p999']:.1f} ms "
-            f"| {f['lost']} / {f['duplicates']} / {f['reordered']}{repeats(r)} | {r['persist']['rows']}/{r['persist']['acked']} in {r['persist']['catch_up_s']} s "
+            f"| {f['lost']} / {f['duplicates']} / {f['reordered']}{inversions(f)}{repeats(r)} | {r['persist']['rows']}/{r['persist']['acked']} in {r['persist']['catch_up_s']} s "
             f"| {fault_s} | {', '.join(f'{v}%' for v in r['relay_cpu_pct'].values())} "
             f"| {', '.join(f'{v:.0f} MB' for v in r['relay_rss_mb'].values())} "
             f"| {str(r['broker_cpu_pct']) + '%' if 'broker_cpu_pct' in r else 'n/a'} | {r.get('db_cpu_pct', 'n/a')}% "

@@ -244,12 +244,13 @@ def loadgen_fanout(relays, prefix, p, run_s, out_json, wait=True):
         summary = dict(generator="loadgen", publish_acked=r["acked"], lost=r["lost"], duplicates=r["duplicates"],
                        reordered=r["reordered"], e2e_ms=r["e2e_ms"], deliveries_per_s=r["deliveries_per_s"],
                        rate=p["rate"], duration_s=run_s, dropped_iterations=r["late_sends"],
-                       cross_instance_share=r.get("cross_instance_share", 0.0), raw=r)
+                       cross_instance_share=r.get("cross_instance_share", 0.0),
+                       seq_inversions=r.get("seq_inversions", 0), raw=r)
         with open(out_json, "w") as f:
             json.dump(summary, f, indent=2)
         return (f"loadgen: acked {r['acked']}, {r['deliveries_per_s']:.0f} deliveries/s, p50 {r['e2e_ms']['p50']} ms, "
                 f"p99 {r['e2e_ms']['p99']} ms, lost {r['lost']} dup {r['duplicates']} reordered {r['reordered']}, "
-                f"late sends {r['late_sends']}, cross-instance {100 * r.get('cross_instance_share', 0):.0f} %"
+                f"out of room order {r.get('seq_inversions', 0)}, late sends {r['late_sends']}, cross-instance {100 * r.get('cross_instance_share', 0):.0f} %"
                 + (f", error frames {r.get('error_codes')}" if r.get("errors") else ""))
 
     gen.proc.finish = finish

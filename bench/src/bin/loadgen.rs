@@ -6,7 +6,8 @@
 //! clock, whether or not the previous one was acked). Every message carries the
 //! publisher id, a per-publisher sequence number and the send time, so each
 //! subscriber measures end-to-end latency (hdrhistogram, µs) and counts loss,
-//! duplicates and reordering. Prints one JSON line.
+//! duplicates, reordering and room positions delivered out of order. Prints
+//! one JSON line.
 //!
 //!     cargo run --release --bin loadgen -- --url ws://127.0.0.1:8080 --rooms 100 --subs 50 --rate 4000 --seconds 20
 
@@ -90,6 +91,9 @@ struct Frame<'a> {
     /// was taken, just before it went to the bus.
     #[serde(default)]
     ts: Option<u64>,
+    /// The message's room position.
+    #[serde(default)]
+    seq: Option<i64>,
 }
 
 /// A load-generator message body: run prefix, publisher, sequence, send time (µs).
@@ -108,6 +112,11 @@ struct SubStats {
     dups: u64,
     reordered: u64,
     gaps: u64,
+    /// Deliveries whose room position was below one this subscriber already
+    /// got: the room's order as the sequencer gave it was not the order of
+    /// delivery (two publishers' messages crossed on the way). A client
+    /// resuming from the higher position would never get the lower one.
+    seq_inversions: u64,
     /// Deliveries whose publisher sat on another relay instance.
     cross: u64,
 }
@@ -197,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
             let mut st = SubStats::default();
             let mut last: HashMap<u64, u64> = HashMap::new();
             let mut seen: HashMap<u64, std::collections::HashSet<u64>> = HashMap::new();
+            let mut last_seq: Option<i64> = None;
             loop {
                 let m = tokio::select! {
                     _ = done.cancelled() => break,
@@ -242,6 +252,12 @@ async fn main() -> anyhow::Result<()> {
                             st.dups += 1;
                             continue;
                         }
+                        if let Some(q) = v.seq {
+                            if last_seq.is_some_and(|l| q < l) {
+                                st.seq_inversions += 1;
+                            }
+                            last_seq = last_seq.max(Some(q));
+                        }
                         let l = last.entry(p).or_insert(u64::MAX);
                         if *l != u64::MAX && s < *l {
                             st.reordered += 1;
@@ -268,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
             t.dups += st.dups;
             t.reordered += st.reordered;
             t.gaps += st.gaps;
+            t.seq_inversions += st.seq_inversions;
             t.cross += st.cross;
         }));
     }
@@ -414,7 +431,7 @@ async fn main() -> anyhow::Result<()> {
         "error_codes": error_codes.lock().map(|m| m.iter().map(|(k, (n, msg))| (k.clone(), json!({"count": n, "first": msg}))).collect::<serde_json::Map<_, _>>()).unwrap_or_default(),
         "late_sends": late.load(Ordering::Relaxed),
         "deliveries": t.received, "expected_deliveries": expected,
-        "lost": expected.saturating_sub(t.received - t.dups), "duplicates": t.dups, "reordered": t.reordered, "gaps": t.gaps,
+        "lost": expected.saturating_sub(t.received - t.dups), "duplicates": t.dups, "reordered": t.reordered, "gaps": t.gaps, "seq_inversions": t.seq_inversions,
         "deliveries_per_s": (t.received as f64 / send_secs).round(),
         "cross_instance_share": if t.received > 0 { t.cross as f64 / t.received as f64 } else { 0.0 },
         "e2e_ms": {"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
