@@ -122,6 +122,12 @@ pub struct Limits {
     /// has not stored yet before answering `recovered:false` (ms).
     #[arg(long, env = "RECOVERY_WAIT_MS", default_value_t = 5000)]
     pub recovery_wait_ms: u64,
+    /// How long a live message whose room position came early waits for the
+    /// positions before it (two gateways' messages can cross on the bus)
+    /// before it goes out anyway and the missing ones are caught up (ms;
+    /// 0 = deliver in arrival order).
+    #[arg(long, env = "LIVE_REORDER_WAIT_MS", default_value_t = 1000)]
+    pub live_reorder_wait_ms: u64,
     /// How long a `send`'s `cid` is remembered per user and room: a retry
     /// within it gets the original `ack` instead of a second message (ms).
     #[arg(long, env = "SEND_DEDUPE_WINDOW_MS", default_value_t = 600_000)]

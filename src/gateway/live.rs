@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::rooms::{Dispatched, Frame, Rooms};
+use super::rooms::{Dispatched, Frame};
 use super::{Gateway, recovery};
 use crate::bus::reconnect::{Backoff, resubscribe_loop};
 use crate::bus::{Delivery, SubscribeOptions};
-use crate::protocol::BusEvent;
+use crate::protocol::{BusEvent, RoomId};
 
 /// Subscribes the instance group and signals `ready` once live; re-subscribes
 /// (re-adding every local room) whenever the subscription ends. Whenever the
@@ -45,7 +45,7 @@ pub async fn run(
             let (gw, shutdown) = (gw.clone(), shutdown.clone());
             let (ready, interest_failures, sessions) = (&ready, &interest_failures, &sessions);
             async move {
-                let rooms = gw.rooms.clone();
+                let rooms = &gw.rooms;
                 // A fresh subscription knows no rooms yet: re-add every room
                 // with local members before counting as live.
                 if let Err(e) = rooms.set_interest(sub.interest.clone()).await {
@@ -73,7 +73,7 @@ pub async fn run(
                         }
                         d = sub.next() => match d { Some(d) => d, None => return true },
                     };
-                    let n = deliver(&rooms, &d);
+                    let n = deliver(&gw, &d);
                     metrics::counter!("messages_out_total", "backend" => backend)
                         .increment(n as u64);
                     let _ = d.ack().await;
@@ -110,8 +110,10 @@ fn catch_up_all(gw: &Arc<Gateway>) {
 /// hands over again while its first copy is in the room's recent ring (Kafka
 /// re-produces a record whose answer was lost) is dropped and counted in
 /// `live_duplicates_dropped_total`, so the backend's at-least-once stays
-/// visible without reaching the clients twice.
-fn deliver(rooms: &Rooms, d: &Delivery) -> usize {
+/// visible without reaching the clients twice. A message ahead of its room's
+/// order waits for the positions before it ([`super::rooms::Rooms::dispatch_live`]).
+fn deliver(gw: &Arc<Gateway>, d: &Delivery) -> usize {
+    let rooms = &gw.rooms;
     let (Ok(text), Ok(ev)) = (
         Utf8Bytes::try_from(d.payload.clone()),
         serde_json::from_slice::<BusEvent>(&d.payload),
@@ -133,11 +135,35 @@ fn deliver(rooms: &Rooms, d: &Delivery) -> usize {
             (None, None)
         }
     };
-    match rooms.dispatch(&d.room, Frame { id, seq, text }) {
+    match rooms.dispatch_live(&d.room, Frame { id, seq, text }) {
         Dispatched::To(n) => n,
         Dispatched::Repeat => {
             metrics::counter!("live_duplicates_dropped_total").increment(1);
             0
         }
+        Dispatched::Early { first } => {
+            if first {
+                await_early(gw, d.room.clone());
+            }
+            0
+        }
     }
+}
+
+/// The reorder wait of a room that started holding messages back: when it
+/// is up, whatever is still held goes out in position order, and a catch-up
+/// fetches the positions that never came (from the DB, or a `gap`) — a
+/// message lost on the way is then late, not missing. When the missing
+/// positions arrive in time, [`super::rooms::Rooms::dispatch_live`] has released the rest
+/// already and this finds nothing to do.
+fn await_early(gw: &Arc<Gateway>, room: RoomId) {
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(gw.rooms.reorder_wait()).await;
+        let (n, skipped_from) = gw.rooms.release_overdue(&room);
+        metrics::counter!("messages_out_total", "backend" => gw.bus.backend()).increment(n as u64);
+        if let Some(from) = skipped_from {
+            recovery::catch_up(&gw, &room, from).await;
+        }
+    });
 }

@@ -170,6 +170,7 @@ impl Gateway {
         let rooms = Arc::new(Rooms::new(
             instance.clone(),
             limits.history_on_join.max(0) as usize,
+            std::time::Duration::from_millis(limits.live_reorder_wait_ms),
         ));
         Gateway {
             bus,

@@ -7,9 +7,17 @@
 //! [`Outlet`]: a `/ws` socket takes it at once ([`super::outbox`]), a STOMP
 //! connection's writer from a bounded queue. A member whose queue is full is a
 //! slow client and is kicked (close 1013) instead of slowing the room down.
+//!
+//! Live deliveries go out in room order ([`Rooms::dispatch_live`]): a message
+//! whose position is past the next one expected waits (at most
+//! `LIVE_REORDER_WAIT_MS`) for the ones before it. Two gateways take a room's
+//! positions in one order and their messages can reach the bus in the other;
+//! delivered as they came, a client that resumes from the higher position
+//! would never get the lower one.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -84,9 +92,21 @@ struct Room {
     /// (instance, user) → open connections, learned from presence events.
     remote: HashMap<(String, String), u32>,
     recent: VecDeque<Frame>,
-    /// Highest room position delivered here (for catch-up after this
-    /// instance's live subscription was interrupted).
+    /// Room position up to which delivery here is done: every position up to
+    /// it was delivered, or released past when the reorder wait ran out (the
+    /// catch-up then fetches it). Where a catch-up after an interrupted live
+    /// subscription starts.
     last_seq: Option<i64>,
+    /// Messages that came before a position they follow, by position:
+    /// delivered as soon as the positions before them are, or when the
+    /// reorder wait is up.
+    early: BTreeMap<i64, Frame>,
+    /// When `early` last went from empty to not empty.
+    early_since: Option<Instant>,
+    /// The position after which messages went out without their
+    /// predecessors; the next [`Rooms::release_overdue`] hands it over for a
+    /// catch-up.
+    skipped_from: Option<i64>,
 }
 
 /// Whether `f` is a message this instance already pushed to the room. The
@@ -116,16 +136,25 @@ pub enum Dispatched {
     To(usize),
     /// Dropped: the same message is in the room's recent ring.
     Repeat,
+    /// Held back: a position before it has not arrived yet. `first`: the
+    /// room held nothing before, so the caller starts the wait (and calls
+    /// [`Rooms::release_overdue`] when [`Rooms::reorder_wait`] is up).
+    Early { first: bool },
 }
 
 /// Largest number of frames held back for one member during a join.
 const MAX_HELD: usize = 4096;
+
+/// Most messages one room holds back for a missing position; past it all go
+/// out at once and the missing ones are caught up (bounded memory).
+const MAX_EARLY: usize = 1024;
 
 pub struct Rooms {
     rooms: DashMap<RoomId, Room>,
     interest: std::sync::RwLock<Option<Arc<dyn RoomInterest>>>,
     ring: usize,
     instance: String,
+    reorder_wait: Duration,
 }
 
 /// Why a join was refused.
@@ -144,13 +173,21 @@ pub struct JoinTicket {
 }
 
 impl Rooms {
-    pub fn new(instance: String, ring: usize) -> Self {
+    /// `ring`: recent messages kept per room; `reorder_wait`: how long a
+    /// live message may wait for the positions before it (zero: never).
+    pub fn new(instance: String, ring: usize, reorder_wait: Duration) -> Self {
         Rooms {
             rooms: DashMap::new(),
             interest: std::sync::RwLock::new(None),
             ring,
             instance,
+            reorder_wait,
         }
+    }
+
+    /// How long a live message waits for the positions before it.
+    pub fn reorder_wait(&self) -> Duration {
+        self.reorder_wait
     }
 
     /// Installs the live-delivery subscription's room handle and re-adds every
@@ -318,12 +355,48 @@ impl Rooms {
     /// the room: one `write` each, never a wait — a socket that cannot take
     /// the frame at once gets it queued for its writer task.
     pub fn dispatch(&self, room: &RoomId, frame: Frame) -> Dispatched {
+        self.dispatch_with(room, frame, false)
+    }
+
+    /// [`Rooms::dispatch`] for a message from the live stream: one whose
+    /// position is past the next one expected is held back
+    /// ([`Dispatched::Early`]) until the positions before it arrive, so the
+    /// room's members get its messages in position order. A catch-up's
+    /// messages go through [`Rooms::dispatch`]: they are in order already,
+    /// and a position the DB marks void never arrives.
+    pub fn dispatch_live(&self, room: &RoomId, frame: Frame) -> Dispatched {
+        self.dispatch_with(room, frame, !self.reorder_wait.is_zero())
+    }
+
+    fn dispatch_with(&self, room: &RoomId, frame: Frame, hold: bool) -> Dispatched {
         let Some(mut r) = self.rooms.get_mut(room) else {
             return Dispatched::To(0);
         };
         if already_delivered(&r, &frame) {
             return Dispatched::Repeat;
         }
+        if hold
+            && let (Some(q), Some(last)) = (frame.seq, r.last_seq)
+            && q > last + 1
+        {
+            metrics::counter!("live_reorder_held_total").increment(1);
+            let first = r.early.is_empty();
+            if first {
+                r.early_since = Some(Instant::now());
+            }
+            r.early.insert(q, frame);
+            if r.early.len() > MAX_EARLY {
+                self.release_early(&mut r);
+            }
+            return Dispatched::Early { first };
+        }
+        let n = self.push(&mut r, frame);
+        Dispatched::To(n + self.drain(&mut r))
+    }
+
+    /// Pushes one frame to the room's members, moves the room's position and
+    /// keeps the frame in the recent ring. Returns the live members reached.
+    fn push(&self, r: &mut Room, frame: Frame) -> usize {
         let mut n = 0;
         for m in r.local.values_mut() {
             match &mut m.sink {
@@ -349,7 +422,62 @@ impl Rooms {
             }
             r.recent.push_back(frame);
         }
-        Dispatched::To(n)
+        n
+    }
+
+    /// Delivers the held-back messages whose predecessors are all out now.
+    fn drain(&self, r: &mut Room) -> usize {
+        let mut n = 0;
+        while let Some(e) = r.early.first_entry() {
+            if r.last_seq.is_some_and(|l| *e.key() > l + 1) {
+                break;
+            }
+            let f = e.remove();
+            if !already_delivered(r, &f) {
+                n += self.push(r, f);
+            }
+        }
+        if r.early.is_empty() {
+            r.early_since = None;
+        }
+        n
+    }
+
+    /// Delivers every held-back message in position order, past the missing
+    /// ones, and notes where the room must be caught up from.
+    fn release_early(&self, r: &mut Room) -> usize {
+        metrics::counter!("live_reorder_released_total").increment(1);
+        if let Some(last) = r.last_seq {
+            r.skipped_from = Some(r.skipped_from.map_or(last, |s| s.min(last)));
+        }
+        let mut n = 0;
+        for (_, f) in std::mem::take(&mut r.early) {
+            if !already_delivered(r, &f) {
+                n += self.push(r, f);
+            }
+        }
+        r.early_since = None;
+        n
+    }
+
+    /// Once `room`'s oldest held-back message has waited the reorder wait:
+    /// delivers every held-back message, past the positions still missing.
+    /// Returns the members reached and, when messages went out past missing
+    /// positions (now or earlier), the position to catch the room up from:
+    /// the missing ones may be in the DB, or the clients get a `gap`.
+    pub fn release_overdue(&self, room: &RoomId) -> (usize, Option<i64>) {
+        let Some(mut r) = self.rooms.get_mut(room) else {
+            return (0, None);
+        };
+        let overdue = r
+            .early_since
+            .is_some_and(|t| t.elapsed() >= self.reorder_wait);
+        let n = if overdue {
+            self.release_early(&mut r)
+        } else {
+            0
+        };
+        (n, r.skipped_from.take())
     }
 
     /// Records that the room's stream is known up to position `seq` (a
@@ -357,6 +485,7 @@ impl Rooms {
     pub fn advance(&self, room: &RoomId, seq: i64) {
         if let Some(mut r) = self.rooms.get_mut(room) {
             r.last_seq = Some(r.last_seq.map_or(seq, |l| l.max(seq)));
+            self.drain(&mut r);
         }
     }
 
@@ -368,7 +497,8 @@ impl Rooms {
             .unwrap_or_default()
     }
 
-    /// Every room with local members and the highest position delivered in it.
+    /// Every room with local members and the position up to which delivery
+    /// in it is done (see `Room::last_seq`).
     pub fn positions(&self) -> Vec<(RoomId, Option<i64>)> {
         self.rooms
             .iter()
@@ -433,5 +563,116 @@ impl Rooms {
     /// All room ids with local members.
     pub fn rooms(&self) -> Vec<RoomId> {
         self.rooms.iter().map(|r| r.key().clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(q: i64) -> Frame {
+        Frame {
+            id: Some(Arc::from(format!("m{q}"))),
+            seq: Some(q),
+            text: Utf8Bytes::from(format!("{q}")),
+        }
+    }
+
+    /// A room with one live member at position 4 (it joined there).
+    async fn room_at_4(wait: Duration) -> (Rooms, RoomId, flume::Receiver<Frame>) {
+        let rooms = Rooms::new("i".into(), 100, wait);
+        let room = RoomId::parse("chat.order").expect("room");
+        let (tx, rx) = flume::bounded(2 * MAX_EARLY);
+        rooms
+            .enter(
+                &room,
+                1,
+                Arc::from("u"),
+                Outlet::Queue(tx),
+                CancellationToken::new(),
+                0,
+            )
+            .await
+            .expect("enter");
+        rooms.release(&room, 1, &HashSet::new());
+        rooms.advance(&room, 4);
+        (rooms, room, rx)
+    }
+
+    fn got(rx: &flume::Receiver<Frame>) -> Vec<i64> {
+        rx.try_iter().filter_map(|f| f.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn live_messages_go_out_in_position_order() {
+        let (rooms, room, rx) = room_at_4(Duration::from_secs(60)).await;
+        assert_eq!(rooms.dispatch_live(&room, frame(5)), Dispatched::To(1));
+        // 7 and 8 overtook 6 on the way.
+        assert_eq!(
+            rooms.dispatch_live(&room, frame(7)),
+            Dispatched::Early { first: true }
+        );
+        assert_eq!(
+            rooms.dispatch_live(&room, frame(8)),
+            Dispatched::Early { first: false }
+        );
+        assert_eq!(got(&rx), [5]);
+        assert_eq!(rooms.release_overdue(&room), (0, None), "not overdue");
+        assert_eq!(rooms.dispatch_live(&room, frame(6)), Dispatched::To(3));
+        assert_eq!(got(&rx), [6, 7, 8]);
+        assert_eq!(rooms.dispatch_live(&room, frame(7)), Dispatched::Repeat);
+        assert_eq!(rooms.positions(), [(room.clone(), Some(8))]);
+        assert_eq!(rooms.release_overdue(&room), (0, None), "nothing held");
+    }
+
+    #[tokio::test]
+    async fn a_position_that_never_comes_holds_the_room_only_for_the_wait() {
+        let (rooms, room, rx) = room_at_4(Duration::from_millis(20)).await;
+        rooms.dispatch_live(&room, frame(5));
+        assert_eq!(
+            rooms.dispatch_live(&room, frame(7)),
+            Dispatched::Early { first: true }
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        // 6 never came: 7 goes out, and the room is caught up from 5.
+        assert_eq!(rooms.release_overdue(&room), (1, Some(5)));
+        assert_eq!(got(&rx), [5, 7]);
+        // The catch-up brings 6 late; what follows is in order again.
+        assert_eq!(rooms.dispatch(&room, frame(6)), Dispatched::To(1));
+        assert_eq!(rooms.dispatch_live(&room, frame(8)), Dispatched::To(1));
+        assert_eq!(got(&rx), [6, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_or_a_join_releases_what_it_covers() {
+        let (rooms, room, rx) = room_at_4(Duration::from_secs(60)).await;
+        rooms.dispatch_live(&room, frame(6));
+        rooms.dispatch_live(&room, frame(8));
+        // A catch-up's messages are never held; they release what follows.
+        assert_eq!(rooms.dispatch(&room, frame(5)), Dispatched::To(2));
+        assert_eq!(got(&rx), [5, 6]);
+        // A member joined with the head at 7: 8 is next.
+        rooms.advance(&room, 7);
+        assert_eq!(got(&rx), [8]);
+    }
+
+    #[tokio::test]
+    async fn too_many_held_go_out_at_once_and_the_gap_is_caught_up() {
+        let (rooms, room, rx) = room_at_4(Duration::from_secs(60)).await;
+        for q in 6..6 + MAX_EARLY as i64 + 1 {
+            rooms.dispatch_live(&room, frame(q));
+        }
+        // All went out at once, in order, past the missing 5.
+        let want: Vec<i64> = (6..6 + MAX_EARLY as i64 + 1).collect();
+        assert_eq!(got(&rx), want);
+        assert_eq!(rooms.release_overdue(&room), (0, Some(4)));
+    }
+
+    #[tokio::test]
+    async fn no_wait_delivers_in_arrival_order() {
+        let (rooms, room, rx) = room_at_4(Duration::ZERO).await;
+        rooms.dispatch_live(&room, frame(7));
+        rooms.dispatch_live(&room, frame(5));
+        assert_eq!(got(&rx), [7, 5]);
     }
 }
