@@ -236,17 +236,7 @@ async fn live_gap_is_filled_on_kafka() {
     }
 
     bus_a.hide_next_live_records(3);
-    for i in 0..3 {
-        bert.say(room, &format!("missed{i}")).await;
-        bert.recv_type("ack").await;
-    }
-    let store = b.store.clone();
-    let room_id = RoomId::parse(room).unwrap();
-    eventually(Duration::from_secs(20), "the db-writer stored them", || {
-        let (store, room_id) = (store.clone(), room_id.clone());
-        async move { store.count_messages(Some(&room_id)).await.unwrap() >= 5 }
-    })
-    .await;
+    send_missed_and_stored(&mut bert, &b.store, room, 3, 5).await;
     assert!(
         anna.try_recv(Duration::from_millis(500)).await.is_none(),
         "the three never reached the live consumer"

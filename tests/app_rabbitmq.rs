@@ -213,17 +213,7 @@ async fn live_gap_is_filled_on_rabbitmq() {
         .collect();
     assert_eq!(pids.len(), 1, "gateway A's live connection: {list}");
     rabbitmqctl(&["close_connection", pids[0], "test: live queue lost"]);
-    for i in 0..3 {
-        bert.say(room, &format!("missed{i}")).await;
-        bert.recv_type("ack").await;
-    }
-    let store = b.store.clone();
-    let room_id = RoomId::parse(room).unwrap();
-    eventually(Duration::from_secs(20), "the db-writer stored them", || {
-        let (store, room_id) = (store.clone(), room_id.clone());
-        async move { store.count_messages(Some(&room_id)).await.unwrap() >= 4 }
-    })
-    .await;
+    send_missed_and_stored(&mut bert, &b.store, room, 3, 4).await;
     rabbitmqctl(&["clear_vhost_limits", "-p", &vhost.0]);
     // The DB had them: no `gap`.
     let mut got = Vec::new();

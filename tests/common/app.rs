@@ -359,6 +359,27 @@ pub async fn next_message(c: &mut Client, forbidden: &str) -> Value {
     }
 }
 
+/// `c` sends `missed0`, `missed1`, … (`n` of them) to `room`, each acked,
+/// and waits until the db-writer has stored `rows` messages of the room.
+pub async fn send_missed_and_stored(
+    c: &mut Client,
+    store: &Store,
+    room: &str,
+    n: usize,
+    rows: i64,
+) {
+    for i in 0..n {
+        c.say(room, &format!("missed{i}")).await;
+        c.recv_type("ack").await;
+    }
+    let room_id = chat_relay::protocol::RoomId::parse(room).expect("room");
+    eventually(Duration::from_secs(20), "the db-writer stored them", || {
+        let (store, room_id) = (store.clone(), room_id.clone());
+        async move { store.count_messages(Some(&room_id)).await.unwrap() >= rows }
+    })
+    .await;
+}
+
 /// Waits until `f` returns true, polling; panics after `wait`.
 pub async fn eventually<F, Fut>(wait: Duration, what: &str, mut f: F)
 where
