@@ -277,6 +277,7 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
                                    catch_up_s=round(time.time() - t2, 2),
                                    error_frames=ffan.get("raw", {}).get("error_codes", {}),
                                    live=dict(lost=ffan["lost"], dup=ffan["duplicates"], reordered=ffan["reordered"],
+                                             seq_inversions=ffan.get("seq_inversions", 0),
                                              repeats_dropped=sum(g.metric("live_duplicates_dropped_total")
                                                                  for g in gateways) - dropped,
                                              offsets_skipped=sum(g.metric("kafka_live_offsets_skipped_total")
@@ -325,12 +326,13 @@ def fault_live(fault):
     """The fault run's live clients, when they did not get every acked
     message exactly once and in order (the main run has its own column)."""
     live = fault.get("live") or {}
-    bad = {k: live.get(k, 0) for k in ("lost", "dup", "reordered")}
+    bad = {k: live.get(k, 0) for k in ("lost", "dup", "reordered", "seq_inversions")}
     told = repeats(dict(live_repeats_dropped=live.get("repeats_dropped", 0),
                         live_offsets_skipped=live.get("offsets_skipped", 0)))
     if not any(bad.values()) and not told:
         return ""
-    return f"; live clients: {bad['lost']} lost / {bad['dup']} dup / {bad['reordered']} reordered{told}"
+    return (f"; live clients: {bad['lost']} lost / {bad['dup']} dup / {bad['reordered']} reordered"
+            f"{inversions(bad)}{told}")
 
 
 def markdown(results, args, outdir):
