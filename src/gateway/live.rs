@@ -150,20 +150,30 @@ fn deliver(gw: &Arc<Gateway>, d: &Delivery) -> usize {
     }
 }
 
-/// The reorder wait of a room that started holding messages back: when it
-/// is up, whatever is still held goes out in position order, and a catch-up
-/// fetches the positions that never came (from the DB, or a `gap`) — a
-/// message lost on the way is then late, not missing. When the missing
-/// positions arrive in time, [`super::rooms::Rooms::dispatch_live`] has released the rest
-/// already and this finds nothing to do.
+/// The reorder wait of a room that started holding messages back (one task
+/// per room at a time): when it is up, whatever is still held goes out in
+/// position order, and a catch-up fetches the positions that never came
+/// (from the DB, or a `gap`): a message lost on the way is then late, not
+/// missing. When the missing positions arrive in time,
+/// [`super::rooms::Rooms::dispatch_live`] has let the rest out already and
+/// the task ends.
 fn await_early(gw: &Arc<Gateway>, room: RoomId) {
     let gw = gw.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(gw.rooms.reorder_wait()).await;
-        let (n, skipped_from) = gw.rooms.release_overdue(&room);
-        metrics::counter!("messages_out_total", "backend" => gw.bus.backend()).increment(n as u64);
-        if let Some(from) = skipped_from {
-            recovery::catch_up(&gw, &room, from).await;
+        let mut wait = gw.rooms.reorder_wait();
+        loop {
+            tokio::time::sleep(wait).await;
+            let r = gw.rooms.release_overdue(&room);
+            metrics::counter!("messages_out_total", "backend" => gw.bus.backend())
+                .increment(r.delivered as u64);
+            if let Some(from) = r.catch_up_from {
+                let (gw, room) = (gw.clone(), room.clone());
+                tokio::spawn(async move { recovery::catch_up(&gw, &room, from).await });
+            }
+            match r.wait_more {
+                Some(more) => wait = more.max(std::time::Duration::from_millis(1)),
+                None => break,
+            }
         }
     });
 }

@@ -101,8 +101,11 @@ struct Room {
     /// delivered as soon as the positions before them are, or when the
     /// reorder wait is up.
     early: BTreeMap<i64, Frame>,
-    /// When `early` last went from empty to not empty.
+    /// Since when `early` has waited: set when it goes from empty to not
+    /// empty, and again whenever some of it goes out (the rest waits anew).
     early_since: Option<Instant>,
+    /// A wait task is running for this room ([`Rooms::release_overdue`]).
+    waiting: bool,
     /// The position after which messages went out without their
     /// predecessors; the next [`Rooms::release_overdue`] hands it over for a
     /// catch-up.
@@ -136,10 +139,24 @@ pub enum Dispatched {
     To(usize),
     /// Dropped: the same message is in the room's recent ring.
     Repeat,
-    /// Held back: a position before it has not arrived yet. `first`: the
-    /// room held nothing before, so the caller starts the wait (and calls
-    /// [`Rooms::release_overdue`] when [`Rooms::reorder_wait`] is up).
+    /// Held back: a position before it has not arrived yet. `first`: no
+    /// wait runs for the room yet, so the caller starts one: it calls
+    /// [`Rooms::release_overdue`] when [`Rooms::reorder_wait`] is up, and
+    /// again as long as that says to wait more.
     Early { first: bool },
+}
+
+/// What [`Rooms::release_overdue`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Release {
+    /// Live members reached by the messages it let out.
+    pub delivered: usize,
+    /// Messages went out past missing positions (now or earlier): catch the
+    /// room up from this position.
+    pub catch_up_from: Option<i64>,
+    /// Messages are still held: call again after this long. `None`: the
+    /// room's wait is over.
+    pub wait_more: Option<Duration>,
 }
 
 /// Largest number of frames held back for one member during a join.
@@ -380,10 +397,11 @@ impl Rooms {
             && q > last + 1
         {
             metrics::counter!("live_reorder_held_total").increment(1);
-            let first = r.early.is_empty();
-            if first {
+            if r.early.is_empty() {
                 r.early_since = Some(Instant::now());
             }
+            let first = !r.waiting;
+            r.waiting = true;
             r.early.insert(q, frame);
             if r.early.len() > MAX_EARLY {
                 self.release_early(&mut r);
@@ -427,18 +445,21 @@ impl Rooms {
 
     /// Delivers the held-back messages whose predecessors are all out now.
     fn drain(&self, r: &mut Room) -> usize {
-        let mut n = 0;
+        let (mut n, mut moved) = (0, false);
         while let Some(e) = r.early.first_entry() {
             if r.last_seq.is_some_and(|l| *e.key() > l + 1) {
                 break;
             }
             let f = e.remove();
+            moved = true;
             if !already_delivered(r, &f) {
                 n += self.push(r, f);
             }
         }
         if r.early.is_empty() {
             r.early_since = None;
+        } else if moved {
+            r.early_since = Some(Instant::now());
         }
         n
     }
@@ -460,24 +481,35 @@ impl Rooms {
         n
     }
 
-    /// Once `room`'s oldest held-back message has waited the reorder wait:
-    /// delivers every held-back message, past the positions still missing.
-    /// Returns the members reached and, when messages went out past missing
-    /// positions (now or earlier), the position to catch the room up from:
-    /// the missing ones may be in the DB, or the clients get a `gap`.
-    pub fn release_overdue(&self, room: &RoomId) -> (usize, Option<i64>) {
+    /// Once `room`'s held-back messages have waited the reorder wait:
+    /// delivers them all, past the positions still missing. The missing ones
+    /// may be in the DB, or the clients get a `gap`: see
+    /// [`Release::catch_up_from`].
+    pub fn release_overdue(&self, room: &RoomId) -> Release {
         let Some(mut r) = self.rooms.get_mut(room) else {
-            return (0, None);
+            return Release {
+                delivered: 0,
+                catch_up_from: None,
+                wait_more: None,
+            };
         };
         let overdue = r
             .early_since
             .is_some_and(|t| t.elapsed() >= self.reorder_wait);
-        let n = if overdue {
+        let delivered = if overdue {
             self.release_early(&mut r)
         } else {
             0
         };
-        (n, r.skipped_from.take())
+        let wait_more = r
+            .early_since
+            .map(|t| self.reorder_wait.saturating_sub(t.elapsed()));
+        r.waiting = wait_more.is_some();
+        Release {
+            delivered,
+            catch_up_from: r.skipped_from.take(),
+            wait_more,
+        }
     }
 
     /// Records that the room's stream is known up to position `seq` (a
@@ -617,12 +649,24 @@ mod tests {
             Dispatched::Early { first: false }
         );
         assert_eq!(got(&rx), [5]);
-        assert_eq!(rooms.release_overdue(&room), (0, None), "not overdue");
+        let r = rooms.release_overdue(&room);
+        assert_eq!((r.delivered, r.catch_up_from), (0, None), "not overdue");
+        assert!(r.wait_more.is_some(), "still waiting");
         assert_eq!(rooms.dispatch_live(&room, frame(6)), Dispatched::To(3));
         assert_eq!(got(&rx), [6, 7, 8]);
         assert_eq!(rooms.dispatch_live(&room, frame(7)), Dispatched::Repeat);
         assert_eq!(rooms.positions(), [(room.clone(), Some(8))]);
-        assert_eq!(rooms.release_overdue(&room), (0, None), "nothing held");
+        let done = Release {
+            delivered: 0,
+            catch_up_from: None,
+            wait_more: None,
+        };
+        assert_eq!(rooms.release_overdue(&room), done, "nothing held");
+        // The wait is over: the next message held starts a new one.
+        assert_eq!(
+            rooms.dispatch_live(&room, frame(10)),
+            Dispatched::Early { first: true }
+        );
     }
 
     #[tokio::test]
@@ -635,7 +679,11 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(40)).await;
         // 6 never came: 7 goes out, and the room is caught up from 5.
-        assert_eq!(rooms.release_overdue(&room), (1, Some(5)));
+        let r = rooms.release_overdue(&room);
+        assert_eq!(
+            (r.delivered, r.catch_up_from, r.wait_more),
+            (1, Some(5), None)
+        );
         assert_eq!(got(&rx), [5, 7]);
         // The catch-up brings 6 late; what follows is in order again.
         assert_eq!(rooms.dispatch(&room, frame(6)), Dispatched::To(1));
@@ -665,7 +713,24 @@ mod tests {
         // All went out at once, in order, past the missing 5.
         let want: Vec<i64> = (6..6 + MAX_EARLY as i64 + 1).collect();
         assert_eq!(got(&rx), want);
-        assert_eq!(rooms.release_overdue(&room), (0, Some(4)));
+        assert_eq!(rooms.release_overdue(&room).catch_up_from, Some(4));
+    }
+
+    #[tokio::test]
+    async fn what_is_still_held_waits_anew_when_some_of_it_went_out() {
+        let (rooms, room, rx) = room_at_4(Duration::from_millis(200)).await;
+        rooms.dispatch_live(&room, frame(6));
+        rooms.dispatch_live(&room, frame(8));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // 5 comes: 5 and 6 go out; 8 (waiting for 7) waits a full wait again.
+        assert_eq!(rooms.dispatch_live(&room, frame(5)), Dispatched::To(2));
+        let r = rooms.release_overdue(&room);
+        assert_eq!(r.delivered, 0);
+        assert!(
+            r.wait_more.is_some_and(|w| w > Duration::from_millis(100)),
+            "{r:?}"
+        );
+        assert_eq!(got(&rx), [5, 6]);
     }
 
     #[tokio::test]
