@@ -122,10 +122,10 @@ pub struct Limits {
     /// has not stored yet before answering `recovered:false` (ms).
     #[arg(long, env = "RECOVERY_WAIT_MS", default_value_t = 5000)]
     pub recovery_wait_ms: u64,
-    /// How long a live message whose room position came early waits for the
-    /// positions before it (two gateways' messages can cross on the bus)
-    /// before it goes out anyway and the missing ones are caught up (ms;
-    /// 0 = deliver in arrival order).
+    /// How long live messages whose room position came early wait for the
+    /// positions before them (two gateways' messages can cross on the bus),
+    /// counted again whenever some of them go out, before they go out anyway
+    /// and the missing ones are caught up (ms; 0 = deliver in arrival order).
     #[arg(long, env = "LIVE_REORDER_WAIT_MS", default_value_t = 1000)]
     pub live_reorder_wait_ms: u64,
     /// How long a `send`'s `cid` is remembered per user and room: a retry

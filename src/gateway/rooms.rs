@@ -9,8 +9,9 @@
 //! slow client and is kicked (close 1013) instead of slowing the room down.
 //!
 //! Live deliveries go out in room order ([`Rooms::dispatch_live`]): a message
-//! whose position is past the next one expected waits (at most
-//! `LIVE_REORDER_WAIT_MS`) for the ones before it. Two gateways take a room's
+//! whose position is past the next one expected waits for the ones before
+//! it (`LIVE_REORDER_WAIT_MS`, counted again whenever some of the held ones
+//! go out). Two gateways take a room's
 //! positions in one order and their messages can reach the bus in the other;
 //! delivered as they came, a client that resumes from the higher position
 //! would never get the lower one.
