@@ -251,8 +251,9 @@ async fn live_gap_is_filled_on_kafka() {
             v["text"].as_str().unwrap_or_default().to_string(),
         ));
     }
-    // The catch-up may come after the live message that revealed the gap;
-    // each carries its position.
+    // The live message that revealed the gap waits (the reorder wait) for
+    // the three the catch-up brings; were the catch-up slower than the wait,
+    // it would go first. So positions are checked, not arrival order.
     got.sort();
     let texts: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(texts, ["missed0", "missed1", "missed2", "after"]);

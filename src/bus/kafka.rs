@@ -214,12 +214,12 @@ impl KafkaBus {
     }
 }
 
-/// Takes one from the fault-injection count, if any is left.
+/// Takes one from the fault-injection count, if any is left (at 0 it only
+/// loads: `fetch_update` writes nothing when the closure declines).
 fn take_hidden(hidden: &std::sync::atomic::AtomicU64) -> bool {
-    hidden.load(Ordering::Relaxed) > 0
-        && hidden
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+    hidden
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// The current producer and its generation.
