@@ -595,7 +595,13 @@ impl ConsumerLag for NatsBus {
         let stream = self.js.get_stream(&self.cfg.nats_stream).await.ok()?;
         let name = consumer_name(&self.cfg.nats_consumer_prefix, group);
         let info = stream.consumer_info(&name).await.ok()?;
-        i64::try_from(info.num_pending).ok()
+        // Not yet consumed = not yet delivered (`num_pending`) plus delivered
+        // but not acked (`num_ack_pending`, which also holds nacked messages
+        // waiting for redelivery): what Kafka's end-minus-committed counts.
+        // `num_pending` alone would let a message handed to a member that
+        // then died vanish from the lag until `NATS_ACK_WAIT_MS` passes.
+        let unacked = u64::try_from(info.num_ack_pending).ok()?;
+        i64::try_from(info.num_pending.checked_add(unacked)?).ok()
     }
 }
 
