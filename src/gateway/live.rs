@@ -141,11 +141,11 @@ fn deliver(gw: &Arc<Gateway>, d: &Delivery) -> usize {
             metrics::counter!("live_duplicates_dropped_total").increment(1);
             0
         }
-        Dispatched::Early { first } => {
+        Dispatched::Early { first, delivered } => {
             if first {
                 await_early(gw, d.room.clone());
             }
-            0
+            delivered
         }
     }
 }

@@ -143,8 +143,11 @@ pub enum Dispatched {
     /// Held back: a position before it has not arrived yet. `first`: no
     /// wait runs for the room yet, so the caller starts one: it calls
     /// [`Rooms::release_overdue`] when [`Rooms::reorder_wait`] is up, and
-    /// again as long as that says to wait more.
-    Early { first: bool },
+    /// again as long as that says to wait more. `delivered`: live members
+    /// reached when this one overflowed the room's hold (more than
+    /// `MAX_EARLY` held): then everything held went out at once, past the
+    /// missing positions, and the running wait catches the room up.
+    Early { first: bool, delivered: usize },
 }
 
 /// What [`Rooms::release_overdue`] did.
@@ -404,10 +407,12 @@ impl Rooms {
             let first = !r.waiting;
             r.waiting = true;
             r.early.insert(q, frame);
-            if r.early.len() > MAX_EARLY {
-                self.release_early(&mut r);
-            }
-            return Dispatched::Early { first };
+            let delivered = if r.early.len() > MAX_EARLY {
+                self.release_early(&mut r)
+            } else {
+                0
+            };
+            return Dispatched::Early { first, delivered };
         }
         let n = self.push(&mut r, frame);
         Dispatched::To(n + self.drain(&mut r))
@@ -643,11 +648,17 @@ mod tests {
         // 7 and 8 overtook 6 on the way.
         assert_eq!(
             rooms.dispatch_live(&room, frame(7)),
-            Dispatched::Early { first: true }
+            Dispatched::Early {
+                first: true,
+                delivered: 0
+            }
         );
         assert_eq!(
             rooms.dispatch_live(&room, frame(8)),
-            Dispatched::Early { first: false }
+            Dispatched::Early {
+                first: false,
+                delivered: 0
+            }
         );
         assert_eq!(got(&rx), [5]);
         let r = rooms.release_overdue(&room);
@@ -666,7 +677,10 @@ mod tests {
         // The wait is over: the next message held starts a new one.
         assert_eq!(
             rooms.dispatch_live(&room, frame(10)),
-            Dispatched::Early { first: true }
+            Dispatched::Early {
+                first: true,
+                delivered: 0
+            }
         );
     }
 
@@ -676,7 +690,10 @@ mod tests {
         rooms.dispatch_live(&room, frame(5));
         assert_eq!(
             rooms.dispatch_live(&room, frame(7)),
-            Dispatched::Early { first: true }
+            Dispatched::Early {
+                first: true,
+                delivered: 0
+            }
         );
         tokio::time::sleep(Duration::from_millis(40)).await;
         // 6 never came: 7 goes out, and the room is caught up from 5.
@@ -708,9 +725,18 @@ mod tests {
     #[tokio::test]
     async fn too_many_held_go_out_at_once_and_the_gap_is_caught_up() {
         let (rooms, room, rx) = room_at_4(Duration::from_secs(60)).await;
-        for q in 6..6 + MAX_EARLY as i64 + 1 {
+        let last = 6 + MAX_EARLY as i64;
+        for q in 6..last {
             rooms.dispatch_live(&room, frame(q));
         }
+        // The one too many lets all out, and says how many were delivered.
+        assert_eq!(
+            rooms.dispatch_live(&room, frame(last)),
+            Dispatched::Early {
+                first: false,
+                delivered: MAX_EARLY + 1
+            }
+        );
         // All went out at once, in order, past the missing 5.
         let want: Vec<i64> = (6..6 + MAX_EARLY as i64 + 1).collect();
         assert_eq!(got(&rx), want);
