@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from relaylib import ROOT, TANSU_PROFILE, CpuCap, Relay, build, cpu_seconds, fanout, psql, rss_mb
+from relaylib import ROOT, TANSU_PROFILE, CpuCap, Relay, build, cpu_seconds, drop_kafka_topic, fanout, psql, rss_mb
 BROKERBENCH = os.path.join(ROOT, "target/release/brokerbench")
 PROFILES = {
     # rooms, subscribers per room, msgs/s, seconds, fault seconds
@@ -292,6 +292,8 @@ def run_backend(backend, p, outdir, stamp, gen="k6", ceiling_opts=None):
             drop_queues(f"bench-{stamp}")
         if backend == "nats":
             drop_nats_stream(f"bench-{stamp}")
+        if backend == "kafka":
+            drop_kafka_topic(env)
     if ceiling_opts is not None and backend != "memory":
         opts = dict(ceiling_opts)
         capped = opts.pop("capped", True)

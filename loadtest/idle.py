@@ -99,6 +99,7 @@ def main():
     finally:
         for p in procs:
             p.stop()
+        relaylib.drop_kafka_topic(env)
     with open(os.path.join(out, "idle.json"), "w") as f:
         json.dump(dict(args=vars(args), cpu_ms_per_s=res), f, indent=2)
     print(f"results: {out}")

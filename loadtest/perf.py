@@ -137,6 +137,7 @@ def main():
         for ps in servers.values():
             for p in ps:
                 p.stop()
+        relaylib.drop_kafka_topic(env)
     persist = None
     if args.db == "postgres" and "relay" in names:
         # Persist lag of every stored row over all runs: stored_at - ts (ms).

@@ -19,6 +19,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
 FLOOR = os.path.join(ROOT, "target/release/floor")
+BROKERBENCH = os.path.join(ROOT, "target/release/brokerbench")
 PEERS = os.path.join(ROOT, "loadtest/peers")
 
 
@@ -35,6 +36,23 @@ def build():
     niced: the machine's 2 cores are shared with whatever else runs."""
     subprocess.run(["nice", "-n", "10", "cargo", "build", "--release", "--quiet", "--workspace", "--bins"],
                    cwd=ROOT, check=True)
+
+
+def drop_kafka_topic(env):
+    """Deletes a Kafka run's topic (`KAFKA_TOPIC` in the relays' `env`) once
+    its relays stopped: tansu keeps every topic's records in memory, so a
+    topic left behind makes every later run on the same tansu slower. Best
+    effort: a failure is printed, not raised. Nothing for other backends."""
+    if env.get("BUS") != "kafka":
+        return
+    try:
+        r = subprocess.run([BROKERBENCH, "drop-kafka-topic"], env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"   kafka: topic {env.get('KAFKA_TOPIC')} not deleted: {e}", flush=True)
+        return
+    if r.returncode != 0:
+        print(f"   {r.stderr.strip()[-300:]}", flush=True)
 
 
 def npm_ci():

@@ -58,6 +58,7 @@ def main():
         fan = json.load(open(os.path.join(out, "k6.json")))
     finally:
         relay.stop()
+        relaylib.drop_kafka_topic(env)
     half = [s for s in samples if s["t"] >= run_s / 2]
     first = [s for s in samples if 60 <= s["t"] < run_s / 2] or samples[:1]
     avg = lambda xs, k: sum(x[k] for x in xs) / max(len(xs), 1)

@@ -78,6 +78,7 @@ def main():
     finally:
         for r in procs:
             r.stop()
+        relaylib.drop_kafka_topic(env)
     result = dict(backend=args.backend, args=vars(args), steps=steps, highest_sustainable=best)
     with open(os.path.join(out, "stepped.json"), "w") as f:
         json.dump(result, f, indent=2)

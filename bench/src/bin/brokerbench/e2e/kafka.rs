@@ -42,6 +42,27 @@ fn base(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Deletes topic `KAFKA_TOPIC` on `KAFKA_BROKERS`. tansu keeps every
+/// topic's records in memory, so a run's topic left behind makes the next
+/// runs slower; the load tools drop it after each run.
+pub async fn drop_topic(cfg: &KafkaConfig) -> anyhow::Result<()> {
+    let admin = base(cfg)
+        .create::<AdminClient<DefaultClientContext>>()
+        .context("kafka admin client")?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+    let del = admin.delete_topics(&[&cfg.kafka_topic], &opts);
+    let results = tokio::time::timeout(Duration::from_secs(10), del)
+        .await
+        .with_context(|| format!("kafka: deleting topic {}: no answer in 10 s", cfg.kafka_topic))?
+        .with_context(|| format!("kafka: deleting topic {}", cfg.kafka_topic))?;
+    for r in results {
+        if let Err((topic, code)) = r {
+            anyhow::bail!("kafka: topic {topic} not deleted: {code}");
+        }
+    }
+    Ok(())
+}
+
 /// Signals the first partition assignment of a group consumer.
 struct Ctx {
     assigned: AtomicBool,
@@ -248,19 +269,10 @@ impl Kafka {
         Ok(out)
     }
 
-    /// Deletes the run's topic (best effort: tansu may not support it).
+    /// Deletes the run's topic (best effort: reported, not fatal).
     pub async fn teardown(&self) {
-        let Ok(admin) = base(&self.cfg).create::<AdminClient<DefaultClientContext>>() else {
-            return;
-        };
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
-        let del = admin.delete_topics(&[&self.cfg.kafka_topic], &opts);
-        match tokio::time::timeout(Duration::from_secs(10), del).await {
-            Ok(Ok(r)) if r.iter().all(|r| r.is_ok()) => {}
-            other => eprintln!(
-                "kafka: topic {} not deleted: {other:?}",
-                self.cfg.kafka_topic
-            ),
+        if let Err(e) = drop_topic(&self.cfg).await {
+            eprintln!("{e:#}");
         }
     }
 

@@ -25,6 +25,8 @@
 
 mod kafka;
 mod nats;
+
+pub use kafka::drop_topic;
 mod rabbitmq;
 mod redis;
 mod redis_streams;
