@@ -76,8 +76,9 @@ async fn claimed_entries_are_flagged_redelivered() {
     assert!(none.is_empty(), "acked entry came back");
 }
 
-/// The consumer lag (`XINFO GROUPS` lag, summed over shards) counts entries
-/// the group has not been handed yet.
+/// The consumer lag (`XINFO GROUPS` lag + pending, summed over shards) counts
+/// entries the group has not been handed yet (the conformance suite checks
+/// the handed-out, unacked half).
 #[tokio::test]
 async fn consumer_lag_counts_undelivered_entries() {
     let bus = CleanBus::fresh("lag").await;

@@ -53,6 +53,9 @@ struct Item {
 struct Group {
     tx: flume::Sender<Delivery>,
     rx: flume::Receiver<Delivery>,
+    /// Deliveries of this group not yet acked: queued, or handed to a
+    /// member that has not acked them (the group's lag).
+    unacked: Arc<AtomicUsize>,
     kind: GroupKind,
     members: AtomicUsize,
     /// The rooms a dynamic-scope group takes; `None`: every room.
@@ -65,10 +68,12 @@ impl Group {
     }
 }
 
-/// A delivery of `item` from the group whose queue `tx` feeds. Its acker
-/// holds the queue weakly: deliveries waiting in a queue must not keep that
-/// queue alive once its group is gone.
-fn delivery(item: Item, tx: &flume::Sender<Delivery>) -> Delivery {
+/// A delivery of `item` from the group whose queue `tx` feeds, counted in
+/// the group's `unacked` until it is acked or given back. Its acker holds the
+/// queue weakly: deliveries waiting in a queue must not keep that queue alive
+/// once its group is gone.
+fn delivery(item: Item, tx: &flume::Sender<Delivery>, unacked: &Arc<AtomicUsize>) -> Delivery {
+    unacked.fetch_add(1, Ordering::Relaxed);
     Delivery::new(
         item.room.clone(),
         item.payload.clone(),
@@ -76,6 +81,7 @@ fn delivery(item: Item, tx: &flume::Sender<Delivery>) -> Delivery {
         Box::new(MemoryAcker {
             item: Some(item),
             tx: tx.downgrade(),
+            unacked: unacked.clone(),
         }),
     )
 }
@@ -107,16 +113,26 @@ impl MemoryBus {
 struct MemoryAcker {
     item: Option<Item>,
     tx: flume::WeakSender<Delivery>,
+    unacked: Arc<AtomicUsize>,
 }
 
 impl MemoryAcker {
+    /// Takes the item once (an ack or a give-back), and counts it settled.
+    fn take(&mut self) -> Option<Item> {
+        let item = self.item.take();
+        if item.is_some() {
+            self.unacked.fetch_sub(1, Ordering::Relaxed);
+        }
+        item
+    }
+
     fn give_back(&mut self) {
-        if let Some(mut item) = self.item.take() {
+        if let Some(mut item) = self.take() {
             // A group that is gone (an instance group whose member left)
             // keeps nothing: there is no one to give it back to.
             let Some(tx) = self.tx.upgrade() else { return };
             item.redelivered = true;
-            if tx.try_send(delivery(item, &tx)).is_err() {
+            if tx.try_send(delivery(item, &tx, &self.unacked)).is_err() {
                 metrics::counter!("bus_redelivery_dropped_total", "backend" => "memory")
                     .increment(1);
                 tracing::warn!("memory bus: group queue full or gone, redelivery dropped");
@@ -134,7 +150,7 @@ impl Drop for MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
-        self.item = None;
+        self.take();
         Ok(())
     }
     async fn nack(mut self: Box<Self>) -> Result<(), BusError> {
@@ -199,7 +215,7 @@ impl MessageBus for MemoryBus {
             if !g.wants(&item.room) {
                 continue;
             }
-            match g.tx.try_send(delivery(item.clone(), &g.tx)) {
+            match g.tx.try_send(delivery(item.clone(), &g.tx, &g.unacked)) {
                 Ok(()) => {}
                 Err(flume::TrySendError::Full(it)) => {
                     match tokio::time::timeout(timeout, g.tx.send_async(it)).await {
@@ -234,6 +250,7 @@ impl MessageBus for MemoryBus {
                     Arc::new(Group {
                         tx,
                         rx,
+                        unacked: Arc::default(),
                         kind: opts.kind,
                         members: AtomicUsize::new(0),
                         rooms: (opts.scope == RoomScope::Dynamic)
@@ -273,13 +290,15 @@ impl MessageBus for MemoryBus {
     }
 }
 
-/// A group's lag is what waits in its queue (not yet handed to a member);
-/// handed-out, unacked deliveries come back to the queue when dropped.
+/// A group's lag is what it has not acked: deliveries waiting in its queue
+/// and those handed to a member and not acked yet (dropped, they come back
+/// to the queue).
 #[async_trait]
 impl ConsumerLag for MemoryBus {
     async fn lag(&self, group: &str) -> Option<i64> {
         let groups = self.groups.read().ok()?;
-        groups.get(group).map(|g| g.rx.len() as i64)
+        let g = groups.get(group)?;
+        i64::try_from(g.unacked.load(Ordering::Relaxed)).ok()
     }
 }
 

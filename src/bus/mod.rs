@@ -518,7 +518,7 @@ pub trait MessageBus: Send + Sync + 'static {
         None
     }
 
-    /// Optional capability: consumer lag per group (Kafka), for `/metrics`.
+    /// Optional capability: consumer lag per group, for `/metrics`.
     fn consumer_lag(&self) -> Option<&dyn ConsumerLag> {
         None
     }
@@ -542,7 +542,10 @@ pub trait Leases: Send + Sync {
 /// How far a consumer group is behind the end of the log.
 #[async_trait]
 pub trait ConsumerLag: Send + Sync {
-    /// Messages not yet consumed by `group`, where the backend can tell.
+    /// Messages not yet consumed by `group`, where the backend can tell: not
+    /// yet handed to a member, or handed out and not acked (a member that
+    /// dies holding them has not consumed them). The conformance suite
+    /// checks both halves on every backend that reports lag.
     async fn lag(&self, group: &str) -> Option<i64>;
 }
 

@@ -940,7 +940,10 @@ impl ConsumerLag for RedisStreamsBus {
             let g = groups
                 .iter()
                 .find(|g| field(g, "name").and_then(as_string).as_deref() == Some(group))?;
-            total += field(g, "lag").and_then(as_int)?;
+            // Not yet delivered to the group (`lag`) plus delivered and not
+            // acked (`pending`, the group's PEL): what the group has not
+            // consumed, as Kafka's end minus committed counts it.
+            total += field(g, "lag").and_then(as_int)? + field(g, "pending").and_then(as_int)?;
         }
         Some(total)
     }

@@ -410,6 +410,44 @@ pub async fn batch_ack(bus: &dyn MessageBus) {
     );
 }
 
+/// Where a backend reports consumer lag (`/metrics`' `bus_consumer_lag`), it
+/// counts what the group has not acked: messages handed to a member and not
+/// acked are not consumed (a member that dies holding them has not stored
+/// them). After the acks it comes back to 0. Backends without lag (Redis
+/// Pub/Sub, RabbitMQ) have nothing to check.
+pub async fn lag_counts_unacked(bus: &dyn MessageBus) {
+    let Some(lag) = bus.consumer_lag() else {
+        return;
+    };
+    let r = room("lag");
+    let g = uniq("gl");
+    let mut a = bus
+        .subscribe(SubscribeOptions::shared(g.clone()))
+        .await
+        .expect("sub");
+    for i in 0..3 {
+        publish(bus, &r, &format!("m{i}")).await;
+    }
+    let got = recv_n(&mut a, &[&r], 3, WAIT).await;
+    assert_eq!(got.len(), 3, "{}: delivered", bus.backend());
+    assert_eq!(
+        lag.lag(&g).await,
+        Some(3),
+        "{}: handed out and not acked is lag",
+        bus.backend()
+    );
+    ack_all(got).await;
+    // Some backends apply acks later (Kafka commits stored offsets every
+    // 500 ms; a JetStream ack is a fire-and-forget publish).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut now = lag.lag(&g).await;
+    while now != Some(0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = lag.lag(&g).await;
+    }
+    assert_eq!(now, Some(0), "{}: all acked", bus.backend());
+}
+
 /// Runs the whole suite.
 pub async fn run_all(bus: &dyn MessageBus) {
     publish_subscribe(bus).await;
@@ -420,6 +458,7 @@ pub async fn run_all(bus: &dyn MessageBus) {
     publish_without_listener(bus).await;
     dynamic_rooms(bus).await;
     batch_ack(bus).await;
+    lag_counts_unacked(bus).await;
 }
 
 /// Declares one `#[tokio::test]` per conformance function for a backend;
@@ -458,6 +497,10 @@ macro_rules! conformance_tests {
         #[tokio::test]
         async fn batch_ack() {
             common::conformance::batch_ack(&$bus).await
+        }
+        #[tokio::test]
+        async fn lag_counts_unacked() {
+            common::conformance::lag_counts_unacked(&$bus).await
         }
     };
 }
