@@ -111,15 +111,78 @@ struct Room {
     /// predecessors; the next [`Rooms::release_overdue`] hands it over for a
     /// catch-up.
     skipped_from: Option<i64>,
+    /// Which message went out here at each of the room's latest positions.
+    seen: Seen,
+}
+
+/// How many of a room's latest positions [`Seen`] covers.
+const SEEN_WINDOW: usize = 1024;
+
+/// Which message this instance delivered at each of a room's latest
+/// [`SEEN_WINDOW`] positions: a 32-bit hash of its id, 0 where none went out
+/// (a position passed over, or still to come). 4 KiB per busy room, where
+/// the recent ring keeps only `HISTORY_ON_JOIN` frames: a catch-up that
+/// spans more than the ring, racing the live stream, still sends each
+/// message once.
+#[derive(Default)]
+struct Seen {
+    /// The position of `ids[0]`.
+    base: i64,
+    ids: VecDeque<u32>,
+}
+
+impl Seen {
+    /// What went out at `q`: `None` when `q` is outside the window, `Some(0)`
+    /// when nothing did.
+    fn at(&self, q: i64) -> Option<u32> {
+        let i = usize::try_from(q.checked_sub(self.base)?).ok()?;
+        self.ids.get(i).copied()
+    }
+
+    /// Records that message `h` went out at `q`.
+    fn mark(&mut self, q: i64, h: u32) {
+        let end = self.base.saturating_add(self.ids.len() as i64);
+        if self.ids.is_empty() || q >= end.saturating_add(SEEN_WINDOW as i64) {
+            // First position, or far past the window: start it afresh.
+            self.ids.clear();
+            self.base = q;
+        } else if q < self.base {
+            return;
+        }
+        while self.base.saturating_add(self.ids.len() as i64) <= q {
+            self.ids.push_back(0);
+        }
+        if let Some(slot) = usize::try_from(q - self.base)
+            .ok()
+            .and_then(|i| self.ids.get_mut(i))
+        {
+            *slot = h;
+        }
+        while self.ids.len() > SEEN_WINDOW {
+            self.ids.pop_front();
+            self.base += 1;
+        }
+    }
+}
+
+/// A message id's 32-bit hash for [`Seen`] (never 0, which means none).
+fn id_hash(id: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    let v = h.finish();
+    ((v >> 32) as u32 ^ v as u32).max(1)
 }
 
 /// Whether `f` is a message this instance already pushed to the room. The
 /// bus can hand a message over twice: Kafka produces a record again when the
 /// broker's answer was lost (at-least-once), and a catch-up can find in the
-/// database what the live stream brings a moment later. Looked up by id in
-/// the recent ring, and only when the message is not past the room's last
-/// position, so a message in order costs one comparison. A repeat older than
-/// the ring gets through.
+/// database what the live stream brings a moment later, or the other way
+/// round. A message past the room's position is new (one comparison: the
+/// hot path). At or below it, what went out at the message's position
+/// ([`Seen`]) tells; a message with another id there is not a repeat. Older
+/// than that window, or without a position, the recent ring tells by id, and
+/// a repeat older than the ring gets through.
 fn already_delivered(r: &Room, f: &Frame) -> bool {
     let Some(id) = f.id.as_deref() else {
         return false;
@@ -128,6 +191,9 @@ fn already_delivered(r: &Room, f: &Frame) -> bool {
         && q > last
     {
         return false;
+    }
+    if let Some(seen) = f.seq.and_then(|q| r.seen.at(q)) {
+        return seen == id_hash(id);
     }
     r.recent.iter().any(|g| g.id.as_deref() == Some(id))
 }
@@ -138,7 +204,8 @@ pub enum Dispatched {
     /// Pushed to (or held for) this many local members; 0 when the room has
     /// none here.
     To(usize),
-    /// Dropped: the same message is in the room's recent ring.
+    /// Dropped: this instance already pushed the same message to the room
+    /// (see `already_delivered`).
     Repeat,
     /// Held back: a position before it has not arrived yet. `first`: no
     /// wait runs for the room yet, so the caller starts one: it calls
@@ -439,6 +506,9 @@ impl Rooms {
         }
         if let Some(q) = frame.seq {
             r.last_seq = Some(r.last_seq.map_or(q, |l| l.max(q)));
+            if let Some(id) = frame.id.as_deref() {
+                r.seen.mark(q, id_hash(id));
+            }
         }
         if frame.id.is_some() && self.ring > 0 {
             if r.recent.len() == self.ring {
@@ -758,6 +828,66 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(got(&rx), [5, 6]);
+    }
+
+    /// A catch-up finding what went out long ago (gone from the ring) does
+    /// not send it again; a position passed over still gets its message, and
+    /// another message at a position is not taken for a repeat.
+    #[tokio::test]
+    async fn a_repeat_older_than_the_ring_is_dropped_and_a_passed_position_filled() {
+        let rooms = Rooms::new("i".into(), 2, Duration::from_secs(60));
+        let room = RoomId::parse("chat.seen").expect("room");
+        let (tx, rx) = flume::bounded(64);
+        rooms
+            .enter(
+                &room,
+                1,
+                Arc::from("u"),
+                Outlet::Queue(tx),
+                CancellationToken::new(),
+                0,
+            )
+            .await
+            .expect("enter");
+        rooms.release(&room, 1, &HashSet::new());
+        rooms.advance(&room, 4);
+        for q in [5, 6, 7, 9, 10] {
+            rooms.dispatch(&room, frame(q));
+        }
+        assert_eq!(got(&rx), [5, 6, 7, 9, 10]);
+        // 5 and 6 left the two-frame ring long ago: still repeats.
+        assert_eq!(rooms.dispatch(&room, frame(5)), Dispatched::Repeat);
+        assert_eq!(rooms.dispatch_live(&room, frame(6)), Dispatched::Repeat);
+        // 8 was passed over: late, not a repeat, and only once.
+        assert_eq!(rooms.dispatch(&room, frame(8)), Dispatched::To(1));
+        assert_eq!(rooms.dispatch(&room, frame(8)), Dispatched::Repeat);
+        // Another message at 5 is not the one that went out there.
+        let other = Frame {
+            id: Some(Arc::from("other")),
+            ..frame(5)
+        };
+        assert_eq!(rooms.dispatch(&room, other), Dispatched::To(1));
+        assert_eq!(got(&rx), [8, 5]);
+    }
+
+    #[test]
+    fn seen_covers_the_latest_positions_only() {
+        let mut s = Seen::default();
+        s.mark(10, 7);
+        s.mark(12, 9);
+        assert_eq!(
+            (s.at(9), s.at(10), s.at(11), s.at(12), s.at(13)),
+            (None, Some(7), Some(0), Some(9), None)
+        );
+        s.mark(10 + SEEN_WINDOW as i64, 3);
+        assert_eq!(s.ids.len(), SEEN_WINDOW);
+        assert_eq!((s.at(10), s.at(11), s.at(12)), (None, Some(0), Some(9)));
+        // Older than the window: not recorded.
+        s.mark(5, 1);
+        assert_eq!(s.at(5), None);
+        // Far past the window: it starts afresh.
+        s.mark(100_000, 4);
+        assert_eq!((s.ids.len(), s.at(100_000), s.at(12)), (1, Some(4), None));
     }
 
     #[tokio::test]
