@@ -53,7 +53,12 @@ pub async fn drop_topic(cfg: &KafkaConfig) -> anyhow::Result<()> {
     let del = admin.delete_topics(&[&cfg.kafka_topic], &opts);
     let results = tokio::time::timeout(Duration::from_secs(10), del)
         .await
-        .with_context(|| format!("kafka: deleting topic {}: no answer in 10 s", cfg.kafka_topic))?
+        .with_context(|| {
+            format!(
+                "kafka: deleting topic {}: no answer in 10 s",
+                cfg.kafka_topic
+            )
+        })?
         .with_context(|| format!("kafka: deleting topic {}", cfg.kafka_topic))?;
     for r in results {
         if let Err((topic, code)) = r {
