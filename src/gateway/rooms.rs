@@ -686,9 +686,10 @@ mod tests {
         }
     }
 
-    /// A room with one live member at position 4 (it joined there).
-    async fn room_at_4(wait: Duration) -> (Rooms, RoomId, flume::Receiver<Frame>) {
-        let rooms = Rooms::new("i".into(), 100, wait);
+    /// A room with one live member at position 4 (it joined there), a recent
+    /// ring of `ring` frames.
+    async fn room_at_4(ring: usize, wait: Duration) -> (Rooms, RoomId, flume::Receiver<Frame>) {
+        let rooms = Rooms::new("i".into(), ring, wait);
         let room = RoomId::parse("chat.order").expect("room");
         let (tx, rx) = flume::bounded(2 * MAX_EARLY);
         rooms
@@ -713,7 +714,7 @@ mod tests {
 
     #[tokio::test]
     async fn live_messages_go_out_in_position_order() {
-        let (rooms, room, rx) = room_at_4(Duration::from_secs(60)).await;
+        let (rooms, room, rx) = room_at_4(100, Duration::from_secs(60)).await;
         assert_eq!(rooms.dispatch_live(&room, frame(5)), Dispatched::To(1));
         // 7 and 8 overtook 6 on the way.
         assert_eq!(
@@ -756,7 +757,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_position_that_never_comes_holds_the_room_only_for_the_wait() {
-        let (rooms, room, rx) = room_at_4(Duration::from_millis(20)).await;
+        let (rooms, room, rx) = room_at_4(100, Duration::from_millis(20)).await;
         rooms.dispatch_live(&room, frame(5));
         assert_eq!(
             rooms.dispatch_live(&room, frame(7)),
@@ -781,7 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_catch_up_or_a_join_releases_what_it_covers() {
-        let (rooms, room, rx) = room_at_4(Duration::from_secs(60)).await;
+        let (rooms, room, rx) = room_at_4(100, Duration::from_secs(60)).await;
         rooms.dispatch_live(&room, frame(6));
         rooms.dispatch_live(&room, frame(8));
         // A catch-up's messages are never held; they release what follows.
@@ -794,7 +795,7 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_held_go_out_at_once_and_the_gap_is_caught_up() {
-        let (rooms, room, rx) = room_at_4(Duration::from_secs(60)).await;
+        let (rooms, room, rx) = room_at_4(100, Duration::from_secs(60)).await;
         let last = 6 + MAX_EARLY as i64;
         for q in 6..last {
             rooms.dispatch_live(&room, frame(q));
@@ -815,7 +816,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_is_still_held_waits_anew_when_some_of_it_went_out() {
-        let (rooms, room, rx) = room_at_4(Duration::from_millis(200)).await;
+        let (rooms, room, rx) = room_at_4(100, Duration::from_millis(200)).await;
         rooms.dispatch_live(&room, frame(6));
         rooms.dispatch_live(&room, frame(8));
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -835,22 +836,7 @@ mod tests {
     /// another message at a position is not taken for a repeat.
     #[tokio::test]
     async fn a_repeat_older_than_the_ring_is_dropped_and_a_passed_position_filled() {
-        let rooms = Rooms::new("i".into(), 2, Duration::from_secs(60));
-        let room = RoomId::parse("chat.seen").expect("room");
-        let (tx, rx) = flume::bounded(64);
-        rooms
-            .enter(
-                &room,
-                1,
-                Arc::from("u"),
-                Outlet::Queue(tx),
-                CancellationToken::new(),
-                0,
-            )
-            .await
-            .expect("enter");
-        rooms.release(&room, 1, &HashSet::new());
-        rooms.advance(&room, 4);
+        let (rooms, room, rx) = room_at_4(2, Duration::from_secs(60)).await;
         for q in [5, 6, 7, 9, 10] {
             rooms.dispatch(&room, frame(q));
         }
@@ -892,7 +878,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_wait_delivers_in_arrival_order() {
-        let (rooms, room, rx) = room_at_4(Duration::ZERO).await;
+        let (rooms, room, rx) = room_at_4(100, Duration::ZERO).await;
         rooms.dispatch_live(&room, frame(7));
         rooms.dispatch_live(&room, frame(5));
         assert_eq!(got(&rx), [7, 5]);
