@@ -25,12 +25,12 @@
 
 mod kafka;
 mod nats;
-
-pub use kafka::drop_topic;
 mod rabbitmq;
 mod redis;
 mod redis_streams;
 mod stats;
+
+pub use kafka::drop_topic;
 
 use std::collections::HashSet;
 use std::future::Future;
