@@ -149,8 +149,8 @@ async fn persistence_crash_with_unacked_deliveries_stores_everything_once() {
         || {
             let (probe, group) = (&probe, group.clone());
             async move {
-                let lag = probe.consumer_lag().expect("lag").lag(&group).await;
-                lag.is_some_and(|l| l < n as i64)
+                let lag = probe.consumer_lag().expect("lag");
+                lag.undelivered(&group).await.is_some_and(|l| l < n as i64)
             }
         },
     )

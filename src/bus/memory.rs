@@ -300,6 +300,11 @@ impl ConsumerLag for MemoryBus {
         let g = groups.get(group)?;
         i64::try_from(g.unacked.load(Ordering::Relaxed)).ok()
     }
+
+    async fn undelivered(&self, group: &str) -> Option<i64> {
+        let groups = self.groups.read().ok()?;
+        groups.get(group).map(|g| g.rx.len() as i64)
+    }
 }
 
 #[cfg(test)]

@@ -547,6 +547,14 @@ pub trait ConsumerLag: Send + Sync {
     /// dies holding them has not consumed them). The conformance suite
     /// checks both halves on every backend that reports lag.
     async fn lag(&self, group: &str) -> Option<i64>;
+
+    /// Of those, the messages not yet handed to any member, where the
+    /// backend tells the two apart (Kafka does not: a group's position is
+    /// its committed offset). Tests use it to see a worker take deliveries
+    /// it has not acked.
+    async fn undelivered(&self, _group: &str) -> Option<i64> {
+        None
+    }
 }
 
 /// Which backend to run, from `BUS`.

@@ -603,6 +603,13 @@ impl ConsumerLag for NatsBus {
         let unacked = u64::try_from(info.num_ack_pending).ok()?;
         i64::try_from(info.num_pending.checked_add(unacked)?).ok()
     }
+
+    async fn undelivered(&self, group: &str) -> Option<i64> {
+        let stream = self.js.get_stream(&self.cfg.nats_stream).await.ok()?;
+        let name = consumer_name(&self.cfg.nats_consumer_prefix, group);
+        let info = stream.consumer_info(&name).await.ok()?;
+        i64::try_from(info.num_pending).ok()
+    }
 }
 
 #[cfg(test)]

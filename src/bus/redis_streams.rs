@@ -921,10 +921,25 @@ impl MessageBus for RedisStreamsBus {
 
 #[async_trait]
 impl ConsumerLag for RedisStreamsBus {
-    /// Entries not yet delivered to `group` (the sum of `XINFO GROUPS` `lag`
-    /// over the shards); `None` when Redis cannot tell (after trimming or
-    /// deletions it reports nil).
+    /// Entries `group` has not acked (the sum of `XINFO GROUPS` `lag` +
+    /// `pending` over the shards); `None` when Redis cannot tell (after
+    /// trimming or deletions it reports nil).
     async fn lag(&self, group: &str) -> Option<i64> {
+        // Not yet delivered to the group (`lag`) plus delivered and not acked
+        // (`pending`, the group's PEL): what the group has not consumed, as
+        // Kafka's end minus committed counts it.
+        self.group_sum(group, &["lag", "pending"]).await
+    }
+
+    async fn undelivered(&self, group: &str) -> Option<i64> {
+        self.group_sum(group, &["lag"]).await
+    }
+}
+
+impl RedisStreamsBus {
+    /// The sum of `XINFO GROUPS` fields `names` of `group` over the shards;
+    /// `None` when Redis cannot tell (a field nil after trimming).
+    async fn group_sum(&self, group: &str, names: &[&str]) -> Option<i64> {
         let mut conn = self.conn.clone();
         let mut total = 0;
         for key in self.keys.iter() {
@@ -940,10 +955,9 @@ impl ConsumerLag for RedisStreamsBus {
             let g = groups
                 .iter()
                 .find(|g| field(g, "name").and_then(as_string).as_deref() == Some(group))?;
-            // Not yet delivered to the group (`lag`) plus delivered and not
-            // acked (`pending`, the group's PEL): what the group has not
-            // consumed, as Kafka's end minus committed counts it.
-            total += field(g, "lag").and_then(as_int)? + field(g, "pending").and_then(as_int)?;
+            for name in names {
+                total += field(g, name).and_then(as_int)?;
+            }
         }
         Some(total)
     }
