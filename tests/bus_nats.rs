@@ -130,11 +130,9 @@ async fn consumer_lag_counts_unacked() {
     let got = c::ack_all(c::recv_n(&mut sub, &[&room], 7, Duration::from_secs(15)).await).await;
     assert_eq!(got.len(), 7);
     // An ack is a fire-and-forget publish: wait for the server to apply all 7.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut now = lag.lag(&g).await;
-    while now != Some(0) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        now = lag.lag(&g).await;
-    }
-    assert_eq!(now, Some(0), "all 7 acked");
+    common::app::eventually(Duration::from_secs(5), "lag 0 once all 7 are acked", || {
+        let g = g.clone();
+        async move { lag.lag(&g).await == Some(0) }
+    })
+    .await;
 }

@@ -592,9 +592,7 @@ impl MessageBus for NatsBus {
 #[async_trait]
 impl ConsumerLag for NatsBus {
     async fn lag(&self, group: &str) -> Option<i64> {
-        let stream = self.js.get_stream(&self.cfg.nats_stream).await.ok()?;
-        let name = consumer_name(&self.cfg.nats_consumer_prefix, group);
-        let info = stream.consumer_info(&name).await.ok()?;
+        let info = self.consumer_info(group).await?;
         // Not yet consumed = not yet delivered (`num_pending`) plus delivered
         // but not acked (`num_ack_pending`, which also holds nacked messages
         // waiting for redelivery): what Kafka's end-minus-committed counts.
@@ -605,10 +603,17 @@ impl ConsumerLag for NatsBus {
     }
 
     async fn undelivered(&self, group: &str) -> Option<i64> {
+        let info = self.consumer_info(group).await?;
+        i64::try_from(info.num_pending).ok()
+    }
+}
+
+impl NatsBus {
+    /// The durable consumer of worker group `group`, as the server sees it.
+    async fn consumer_info(&self, group: &str) -> Option<consumer::Info> {
         let stream = self.js.get_stream(&self.cfg.nats_stream).await.ok()?;
         let name = consumer_name(&self.cfg.nats_consumer_prefix, group);
-        let info = stream.consumer_info(&name).await.ok()?;
-        i64::try_from(info.num_pending).ok()
+        stream.consumer_info(&name).await.ok()
     }
 }
 

@@ -439,13 +439,12 @@ pub async fn lag_counts_unacked(bus: &dyn MessageBus) {
     ack_all(got).await;
     // Some backends apply acks later (Kafka commits stored offsets every
     // 500 ms; a JetStream ack is a fire-and-forget publish).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut now = lag.lag(&g).await;
-    while now != Some(0) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        now = lag.lag(&g).await;
-    }
-    assert_eq!(now, Some(0), "{}: all acked", bus.backend());
+    let what = format!("{}: lag 0 once all are acked", bus.backend());
+    super::app::eventually(WAIT, &what, || {
+        let g = g.clone();
+        async move { lag.lag(&g).await == Some(0) }
+    })
+    .await;
 }
 
 /// Runs the whole suite.
